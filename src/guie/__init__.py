@@ -1,0 +1,1 @@
+"""GUIE submission kit."""

@@ -1,0 +1,243 @@
+"""Experiment configuration: frozen dataclasses, one small module per experiment.
+
+An experiment is a `ExperimentConfig`; every recipe module under `guie.configs` builds one with
+`dataclasses.replace` from the defaults here and states only what differs. Overrides from the
+command line (`--stage2.lr_head=1e-4`) are parsed against the field types and unknown keys are
+errors, so a typo never silently trains the wrong thing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One training data set. Configs list these; the Kaggle kit and `data fetch` reuse them."""
+
+    name: str
+    kind: Literal["tfrecord", "csv"]
+    # tfrecord: a folder of shards (matched by `pattern`); csv: a CSV file of path,label whose
+    # paths are relative to the CSV's folder. Relative locations resolve against the data root.
+    location: str
+    domain: str = "mixed"
+    # Added to every label of this source so that several sources share one label space.
+    label_offset: int = 0
+    pattern: str = "*.tfrec"
+    kaggle_slug: str | None = None  # owner/slug of the Kaggle dataset that holds it, if any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[DataSource, ...] = ()
+    root: str = "data"  # where relative source locations live (on Kaggle: /kaggle/input)
+    min_per_class: int = 3
+    max_per_class: int = 0  # 0 = no cap
+    resample_min_per_class: int = 0  # repeat images of small classes up to this count; 0 = off
+    heldout_classes: int = 0  # classes kept out of training for validation (unseen, as on Kaggle)
+    queries_per_class: int = 1  # held-out images used as queries; the rest go to the index
+    distractor_classes: int = 0  # training classes whose images are added to the index
+    distractors_per_class: int = 2
+    split_seed: int = 0
+    verify_crc: bool = True
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The one preprocessing shared by validation, the feature cache and the export."""
+
+    image_size: int = 224
+    # squash: resize to size x size ignoring aspect; shorter_crop: CLIP's resize + centre crop.
+    resize_mode: Literal["squash", "shorter_crop"] = "squash"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    antialias: bool = True
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "ViT-H-14"
+    pretrained_path: str = ""  # local weights file (open_clip checkpoint or visual state_dict)
+    use_projection: bool = True  # False: pre-projection features (1280-d for ViT-H, 2nd place)
+    embed_dim: int = 64
+    head: Literal["linear", "multi_dropout"] = "linear"
+    dropout: float = 0.2
+    # multi_dropout: K parallel Dropout(p_i)+Linear branches, averaged (3rd place: 20, 0.01..0.20)
+    num_branches: int = 20
+    dropout_min: float = 0.01
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: Literal["arcface"] = "arcface"
+    scale: float = 30.0
+    margin_rad: float = 0.3
+    subcenters: int = 1  # sub-center ArcFace k (3rd/4th place: 3)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = "stage"
+    enabled: bool = True
+    train_backbone: bool = False
+    use_feature_cache: bool = True  # only for frozen-backbone stages
+    cache_views: int = 1  # augmented views per image cached (1 = the plain preprocessing)
+    epochs: float = 1.0  # fractional epochs allowed (3rd place: 200 tenth-epochs)
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr_head: float = 1e-3
+    lr_backbone: float = 0.0
+    layer_decay: float = 1.0  # backbone LR multiplier per block from the top; 1 = flat
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    margin_rad: float | None = None  # None: the loss config's margin
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    augment: tuple[str, ...] = ("random_resized_crop", "hflip")
+    eval_every_epochs: float = 1.0
+    checkpoint_every_steps: int = 500
+    max_hours: float = 0.0  # stop cleanly with a checkpoint after this much time; 0 = no limit
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    fp16_weights: bool = False
+    compat: Literal["none", "torch1.11"] = "none"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    num_classes: int = 0  # 0 = infer from the data
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(name="stage1"))
+    stage2: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            name="stage2", train_backbone=True, use_feature_cache=False, lr_head=1e-4,
+            lr_backbone=1e-6, margin_rad=0.5, warmup_epochs=0.1,
+        )
+    )
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a dataclass from a dict (e.g. a saved resolved config), checking every key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{cls.__name__}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except (ValueError, TypeError) as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} fits none of {args}: {errors}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {args}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{where}: expected an int, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected an int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a float, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported config type {tp}")
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `key.sub=value` overrides (values parsed as JSON where they parse, else strings)."""
+    for item in overrides:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        cfg = _replace_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
+    name = path[0]
+    known = {f.name: f for f in fields(obj)}
+    if name not in known:
+        raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no field {name!r} "
+                         f"(known: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(type(obj))
+    if len(path) == 1:
+        return replace(obj, **{name: _coerce(hints[name], value, full_key)})
+    child = getattr(obj, name)
+    if not is_dataclass(child):
+        raise ValueError(f"override {full_key!r}: {name!r} is not a section")
+    return replace(obj, **{name: _replace_path(child, path[1:], value, full_key)})
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON next to an output (timm's habit)."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    return from_dict(ExperimentConfig, json.loads(Path(path).read_text()))

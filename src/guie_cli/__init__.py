@@ -1,0 +1,1 @@
+"""Entry points of the kit (`submit.py`). The `guie` library never imports this package."""
