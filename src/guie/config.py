@@ -35,12 +35,16 @@ class DataSource:
 class DataConfig:
     sources: tuple[DataSource, ...] = ()
     root: str = "data"  # where relative source locations live (on Kaggle: /kaggle/input)
+    # > 0: build the kit's sample data set (this many instances) under `root` and use it as the
+    # sources; for local runs and tests, where no real data can be downloaded.
+    sample_instances: int = 0
+    sample_views: int = 6
     min_per_class: int = 3
     max_per_class: int = 0  # 0 = no cap
     resample_min_per_class: int = 0  # repeat images of small classes up to this count; 0 = off
     heldout_classes: int = 0  # classes kept out of training for validation (unseen, as on Kaggle)
     queries_per_class: int = 1  # held-out images used as queries; the rest go to the index
-    distractor_classes: int = 0  # training classes whose images are added to the index
+    distractor_classes: int = 0  # further unseen classes whose images only pad the index
     distractors_per_class: int = 2
     split_seed: int = 0
     verify_crc: bool = True

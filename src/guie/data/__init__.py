@@ -1,0 +1,11 @@
+"""Data layer: TFRecord shards and image folders -> one table -> training/validation images.
+
+- `tfrecord`: record framing, CRC-32C, hand-written tf.train.Example codec, shard indexes.
+- `sources`: DataSource -> DataFrame, label filtering, held-out validation split.
+- `dataset`: decoding and a torch Dataset that skips damaged images.
+- `sample`: a small multi-domain instance-level data set built from packaged photos.
+- `preprocess`: the one resize + normalise shared by validation and the export.
+"""
+from guie.data.tfrecord import DataError, DataWarning
+
+__all__ = ["DataError", "DataWarning"]

@@ -1,0 +1,121 @@
+"""Images for training and evaluation: bytes -> RGB PIL image -> tensor, never crashing.
+
+A damaged image (corrupt JPEG, failed record CRC) yields `None` from `ImageDataset` with a
+warning naming its path and offset; `collate_skip_bad` drops those and reports how many, so
+one bad file among millions costs one sample, not a run.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from guie.data.tfrecord import IMAGE_KEY, DataError, DataWarning, parse_example, read_record
+
+# Our own bomb guard (PIL's global MAX_IMAGE_PIXELS is left alone for other code): 8k x 8k
+# is far beyond any photo in these data sets and about 200 MB decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def read_bytes(path: str, offset: int = -1, length: int = -1, verify_crc: bool = True) -> bytes:
+    """Encoded image bytes: the whole file when offset < 0, else the JPEG inside the
+    tf.train.Example record at `offset`."""
+    if offset < 0:
+        with open(path, "rb") as f:
+            return f.read()
+    record = read_record(path, offset, length, verify_crc)
+    try:
+        images = parse_example(record, (IMAGE_KEY,)).get(IMAGE_KEY)
+    except DataError as e:
+        raise DataError(f"{path}: record at byte offset {offset}: {e}") from None
+    if not images:
+        raise DataError(f"{path}: record at byte offset {offset} has no {IMAGE_KEY!r}")
+    return images[0]
+
+
+def decode_rgb(data: bytes, where: str) -> Image.Image:
+    """Decode to an RGB image; DataError naming `where` if it is corrupt or too large."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{where}: image of {img.width}x{img.height} pixels exceeds "
+                                f"the {MAX_IMAGE_PIXELS}-pixel limit")
+            img.load()  # decode now: a truncated JPEG fails here, not in the transform
+            return img.convert("RGB")
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise DataError(f"{where}: cannot decode image: {e}") from None
+
+
+def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W] (what the Kaggle host feeds the model)."""
+    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # a copy: torch wants it writable
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Rows of a sources table (path, offset, length, label) as (image, label, row index).
+
+    `transform` turns a PIL image into a tensor (default: uint8 [3, H, W] at its own size).
+    Batching with `collate_skip_bad` stacks the tensors, so the transform must give them one
+    shape (resize or crop); returning native sizes only works with batch size 1.
+    """
+
+    def __init__(self, df: pd.DataFrame,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                 verify_crc: bool = True):
+        # numpy arrays, not a DataFrame or lists of objects: forked workers then share the
+        # pages instead of copying them as refcounts change.
+        self.paths = df["path"].to_numpy(dtype=str)
+        self.offsets = df["offset"].to_numpy(np.int64)
+        self.lengths = df["length"].to_numpy(np.int64)
+        self.labels = df["label"].to_numpy(np.int64)
+        self.transform = transform or pil_to_uint8_tensor
+        self.verify_crc = verify_crc
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, i: int) -> str:
+        off = int(self.offsets[i])
+        return str(self.paths[i]) if off < 0 else f"{self.paths[i]} @ byte offset {off}"
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+        where = self.where(i)
+        try:
+            data = read_bytes(str(self.paths[i]), int(self.offsets[i]), int(self.lengths[i]),
+                              self.verify_crc)
+            img = decode_rgb(data, where)
+        except (DataError, OSError) as e:
+            # DataErrors already name the file and record; bare OSErrors may not.
+            msg = str(e) if str(self.paths[i]) in str(e) else f"{where}: {e}"
+            warnings.warn(f"skipping a bad image: {msg}", DataWarning, stacklevel=2)
+            return None
+        return self.transform(img), int(self.labels[i]), int(i)
+
+
+def collate_skip_bad(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(images [B, ...], labels int64 [B], row indices int64 [B], number of bad items dropped).
+    An all-bad batch gives empty tensors (images of shape [0])."""
+    good = [b for b in batch if b is not None]
+    n_bad = len(batch) - len(good)
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.uint8), empty, empty.clone(), n_bad
+    shapes = {tuple(b[0].shape) for b in good}
+    if len(shapes) > 1:
+        raise ValueError(f"transform returned tensors of different shapes {sorted(shapes)}; "
+                         "make it resize or crop to one size")
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
+    indices = torch.tensor([b[2] for b in good], dtype=torch.int64)
+    return images, labels, indices, n_bad

@@ -1,0 +1,109 @@
+"""TorchScript export in the competition's contract, packed as `submission.zip`.
+
+The host loads `saved_model.pt` from the zip root and calls it on one RGB image at a time,
+[1, 3, H, W] in 0..255 at its original size (most likely uint8). So everything the eager
+pipeline does before the backbone (resize, /255, mean/std) lives inside `forward`, through the
+very `Preprocess` module used for validation. Output: float32 [B, 64], L2-normalised.
+"""
+from __future__ import annotations
+
+import copy
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guie.data.preprocess import Preprocess
+from guie.model import EmbeddingModel
+
+# Shapes the contract must survive: the host's odd sizes, extreme aspect ratios, tiny images.
+CONTRACT_SHAPES = ((1, 3, 300, 1200), (1, 3, 512, 512), (1, 3, 1200, 300), (1, 3, 7, 5),
+                   (2, 3, 224, 224), (1, 3, 97, 1))
+
+
+class SubmissionModel(nn.Module):
+    """images [B, 3, H, W] uint8/float 0..255 -> float32 [B, embed_dim], unit norm."""
+
+    def __init__(self, preprocess: Preprocess, visual: nn.Module, linear: nn.Linear):
+        super().__init__()
+        self.preprocess = preprocess
+        self.visual = visual
+        self.linear = linear
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images)
+        x = x.to(self.linear.weight.dtype)
+        embeddings = self.linear(self.visual(x))
+        return F.normalize(embeddings.float(), dim=-1)
+
+
+def build_submission_model(model: EmbeddingModel, preprocess: Preprocess,
+                           fp16_weights: bool = False) -> SubmissionModel:
+    """An eval-mode copy with the head folded to one Linear (dropout branches vanish)."""
+    visual = copy.deepcopy(model.visual).eval()
+    if hasattr(visual, "set_grad_checkpointing"):
+        visual.set_grad_checkpointing(False)
+    linear = copy.deepcopy(model.head.fold())
+    export = SubmissionModel(copy.deepcopy(preprocess), visual, linear).eval()
+    if fp16_weights:
+        # Halve the file (ViT-H: 2.4 -> 1.2 GiB); preprocessing stays fp32 for exact resizing.
+        export.visual.half()
+        export.linear.half()
+    for p in export.parameters():
+        p.requires_grad_(False)
+    return export
+
+
+def script_and_save(export: nn.Module, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scripted = torch.jit.script(export)
+    tmp = path.with_suffix(".tmp")
+    scripted.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def write_submission_zip(saved_model: str | Path, zip_path: str | Path) -> Path:
+    """`saved_model.pt` at the zip root. Stored, not deflated: the .pt is already a zip."""
+    zip_path = Path(zip_path)
+    tmp = zip_path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.write(saved_model, arcname="saved_model.pt")
+    tmp.replace(zip_path)
+    return zip_path
+
+
+def check_contract(module: torch.jit.ScriptModule | nn.Module, embed_dim: int = 64,
+                   shapes=CONTRACT_SHAPES, device: str = "cpu") -> None:
+    """Run the host's kinds of input through a model and fail loudly on any breach."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        pixels = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        for images in (pixels, pixels.float()):
+            with torch.no_grad():
+                out = module(images.to(device))
+            where = f"input {tuple(shape)} {images.dtype}"
+            if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+                raise AssertionError(f"{where}: output must be a float32 tensor, got {type(out)} "
+                                     f"{getattr(out, 'dtype', '')}")
+            if tuple(out.shape) != (shape[0], embed_dim):
+                raise AssertionError(f"{where}: output shape {tuple(out.shape)}, "
+                                     f"expected {(shape[0], embed_dim)}")
+            if not torch.isfinite(out).all():
+                raise AssertionError(f"{where}: output has NaN or Inf")
+            norms = out.norm(dim=1)
+            if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+                raise AssertionError(f"{where}: output is not L2-normalised (norms {norms})")
+
+
+def export_submission_zip(model: EmbeddingModel, preprocess: Preprocess, out_dir: str | Path,
+                          fp16_weights: bool = False) -> Path:
+    """Script, save, reload and contract-check; returns the path to submission.zip."""
+    out_dir = Path(out_dir)
+    saved = script_and_save(build_submission_model(model, preprocess, fp16_weights),
+                            out_dir / "saved_model.pt")
+    check_contract(torch.jit.load(str(saved)), embed_dim=model.head.fold().out_features)
+    return write_submission_zip(saved, out_dir / "submission.zip")

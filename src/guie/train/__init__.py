@@ -1,0 +1,1 @@
+"""Training: feature cache for frozen-backbone stages, the stage loop, checkpoints, schedules."""

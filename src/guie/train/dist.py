@@ -1,0 +1,39 @@
+"""torchrun/DDP plumbing: one process per GPU, or a single process (CPU or one GPU)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+def init() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_main() -> bool:
+    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0

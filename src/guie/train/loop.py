@@ -1,0 +1,240 @@
+"""One training stage, readable in one sitting.
+
+A stage trains the head and the ArcFace centres, and the backbone too when `train_backbone`.
+Frozen-backbone stages train from the on-disk feature cache. The loop runs micro-batches in a
+deterministic order (`order.BatchOrder`), steps the optimizer every `grad_accum` of them, and
+writes atomic checkpoints that hold model, optimizer, scaler, RNG and history, so `resume` ends
+exactly where an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from guie.config import ExperimentConfig, StageConfig, save_config, to_dict
+from guie.data.augment import EvalTransform, TrainTransform
+from guie.data.dataset import ImageDataset, collate_skip_bad
+from guie.data.preprocess import Preprocess
+from guie.losses import ArcFace
+from guie.model import EmbeddingModel
+from guie.train import dist
+from guie.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from guie.train.evaluate import Evaluator
+from guie.train.features import build_feature_cache, cache_key
+from guie.train.optim import lr_multiplier, param_groups
+from guie.train.order import BatchOrder, BatchSampler, SeededDataset
+
+
+@dataclass
+class StageOutcome:
+    status: str  # "done" or "paused" (stopped by max_hours; resume continues it)
+    checkpoint: Path
+    metrics: dict
+    history: list[dict]
+
+
+class TrainStep(nn.Module):
+    """Model + loss as one module, so DDP synchronises the class centres' gradients too."""
+
+    def __init__(self, model: EmbeddingModel, loss_fn: ArcFace, from_features: bool):
+        super().__init__()
+        self.model, self.loss_fn, self.from_features = model, loss_fn, from_features
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, margin_rad: float):
+        if self.from_features:
+            embeddings = self.model.embed_features(inputs)
+        else:
+            embeddings = self.model(inputs)
+        return self.loss_fn(embeddings, labels, margin_rad)
+
+
+def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """(use a grad scaler, autocast dtype): bf16 where supported, fp16 + scaler on T4/P100."""
+    if mode == "off" or device.type != "cuda":
+        return False, None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return False, torch.bfloat16
+    return True, torch.float16
+
+
+def stage_state(model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig) -> dict:
+    state = {"head": model.head.state_dict(), "loss": loss_fn.state_dict()}
+    if stage.train_backbone:
+        state["visual"] = model.visual.state_dict()
+    return state
+
+
+def load_stage_state(model: EmbeddingModel, loss_fn: ArcFace | None, state: dict) -> None:
+    model.head.load_state_dict(state["head"])
+    if loss_fn is not None:  # the export needs no class centres
+        loss_fn.load_state_dict(state["loss"])
+    if "visual" in state:
+        model.visual.load_state_dict(state["visual"])
+
+
+def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
+              preprocess: Preprocess, loss_fn: ArcFace, train_df: pd.DataFrame,
+              evaluator: Evaluator | None, out_dir: Path, device: torch.device,
+              resume: bool = True, cache_dir: Path | None = None) -> StageOutcome:
+    stage_dir = Path(out_dir) / stage.name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, stage_dir / "config.json")
+    final_path, last_path = stage_dir / "final.pt", stage_dir / "last.pt"
+    if resume and final_path.exists():
+        done = load_checkpoint(final_path)
+        load_stage_state(model, loss_fn, done["model"])
+        return StageOutcome("done", final_path, done["metrics"], done["history"])
+
+    from_cache = not stage.train_backbone and stage.use_feature_cache
+    margin = cfg.loss.margin_rad if stage.margin_rad is None else stage.margin_rad
+    model.to(device)
+    loss_fn.to(device)
+    groups = param_groups(model, loss_fn, stage)
+    optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+    use_scaler, amp_dtype = amp_settings(stage.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    rank, world = dist.rank(), dist.world_size()
+    if from_cache:
+        cache = build_feature_cache(
+            model.visual, train_df, _cache_transforms(stage, preprocess),
+            cache_key({"backbone": cfg.model, "preprocess": cfg.preprocess, "views":
+                       stage.cache_views, "augment": stage.augment, "seed": cfg.seed}, train_df),
+            cache_dir or Path(out_dir) / "feature-cache", stage.batch_size,
+            cfg.data.num_workers, device)
+        rows = np.flatnonzero(cache.valid)
+        rank, world = 0, 1  # the head trains on rank 0 only: it takes seconds
+        if not dist.is_main():
+            dist.barrier()
+            return run_stage(cfg, stage, model, preprocess, loss_fn, train_df, evaluator,
+                             out_dir, device, resume=True, cache_dir=cache_dir)
+    else:
+        rows = np.arange(len(train_df))
+    order = BatchOrder(len(rows), stage.batch_size, cfg.seed, rank, world)
+    total_batches = math.ceil(stage.epochs * len(rows) / order.global_batch_size())
+    total_batches -= total_batches % stage.grad_accum  # end on an optimizer step
+    total_steps = total_batches // stage.grad_accum
+    warmup_steps = int(stage.warmup_epochs * len(rows) / order.global_batch_size()
+                       / stage.grad_accum)
+    batches_per_epoch = len(rows) / order.global_batch_size()
+    eval_every = max(1, round(stage.eval_every_epochs * batches_per_epoch))
+
+    start, history = 0, []
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        load_stage_state(model, loss_fn, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start, history = ckpt["next_batch"], ckpt["history"]
+    else:
+        # The stage's randomness (dropout) must not depend on what ran before it, e.g. whether
+        # the feature cache had to be built in this process.
+        torch.manual_seed(cfg.seed * 1000 + sum(map(ord, stage.name)))
+
+    step_module = TrainStep(model, loss_fn, from_cache)
+    runner = step_module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device] if device.type == "cuda" else None)
+    model.train()
+    if not stage.train_backbone:
+        model.visual.eval()
+
+    def save(path: Path, next_batch: int, metrics: dict | None = None) -> None:
+        if dist.is_main():
+            state = {"model": stage_state(model, loss_fn, stage), "next_batch": next_batch,
+                     "history": history, "metrics": metrics or {}, "config": to_dict(cfg)}
+            if path != final_path:  # a finished stage needs no optimizer (ViT-H AdamW: 5 GB)
+                state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             rng=rng_state())
+            save_checkpoint(state, path)
+            pd.DataFrame(history).to_csv(stage_dir / "history.csv", index=False)
+
+    batches = _batches(from_cache, cache if from_cache else None, rows, train_df, order, start,
+                       total_batches, stage, preprocess, cfg.data.num_workers)
+    started = time.monotonic()
+    bar = tqdm(total=total_batches, initial=start, desc=stage.name, dynamic_ncols=True,
+               disable=not dist.is_main())
+    b = start
+    for b, (inputs, labels) in enumerate(batches, start=start):
+        if len(labels) == 0:
+            continue  # every image of the batch was corrupt (already counted and warned)
+        step = b // stage.grad_accum
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin)
+        scaler.scale(loss / stage.grad_accum).backward()
+        if (b + 1) % stage.grad_accum == 0:
+            mult = lr_multiplier(step, total_steps, warmup_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * mult
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        row = {"stage": stage.name, "batch": b + 1, "epoch": (b + 1) / batches_per_epoch,
+               "loss": loss.item(), "lr_head": optimizer.param_groups[0]["lr"]}
+        if evaluator is not None and (b + 1) % eval_every == 0 and b + 1 < total_batches \
+                and dist.is_main():
+            row["map5"] = evaluator.evaluate(model, backbone_frozen=not stage.train_backbone)["map5"]
+            model.train()
+            if not stage.train_backbone:
+                model.visual.eval()
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"mP@5": f"{row['map5']:.3f}"}
+                                                       if "map5" in row else {}))
+        bar.update(1)
+        at_step_end = (b + 1) % stage.grad_accum == 0
+        if at_step_end and (b + 1) // stage.grad_accum % stage.checkpoint_every_steps == 0:
+            save(last_path, b + 1)
+        if at_step_end and stage.max_hours and time.monotonic() - started > stage.max_hours * 3600:
+            save(last_path, b + 1)
+            bar.close()
+            return StageOutcome("paused", last_path, {}, history)
+    bar.close()
+    metrics = {}
+    if evaluator is not None and dist.is_main():
+        metrics = evaluator.evaluate(model, backbone_frozen=not stage.train_backbone)
+        history.append({"stage": stage.name, "batch": total_batches,
+                        "epoch": total_batches / batches_per_epoch, "map5": metrics["map5"]})
+    save(final_path, total_batches, metrics)
+    if from_cache:
+        dist.barrier()
+    return StageOutcome("done", final_path, metrics, history)
+
+
+def _cache_transforms(stage: StageConfig, preprocess: Preprocess) -> list:
+    """View 0: the plain preprocessing; further views: the stage's augmentations."""
+    extra = [TrainTransform(stage.augment, preprocess)] * (stage.cache_views - 1)
+    return [EvalTransform(preprocess)] + extra
+
+
+def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, preprocess,
+             num_workers):
+    """(inputs, labels) per micro-batch: cached features, or decoded and augmented images."""
+    if from_cache:
+        labels = torch.from_numpy(cache.labels)
+        for b in range(start, stop):
+            picks, seeds = order.batch(b)
+            idx = rows[picks]
+            views = seeds % cache.features.shape[0]
+            feats = torch.from_numpy(np.asarray(cache.features[views, idx], dtype=np.float32))
+            yield feats, labels[idx]
+        return
+    dataset = SeededDataset(ImageDataset(train_df.reset_index(drop=True),
+                                         TrainTransform(stage.augment, preprocess)))
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(order, start, stop),
+                        num_workers=num_workers, collate_fn=collate_skip_bad,
+                        generator=torch.Generator(),  # keep the global RNG untouched
+                        pin_memory=torch.cuda.is_available(),
+                        persistent_workers=num_workers > 0)
+    for images, labels, _, _ in loader:
+        yield images, labels

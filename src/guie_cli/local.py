@@ -1,0 +1,67 @@
+"""Local runs: `local` (the whole path on this machine), `train` and `export`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from guie.config import apply_overrides
+from guie.configs import get_config, list_configs
+
+
+def _config(args: argparse.Namespace):
+    return apply_overrides(get_config(args.config), args.overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--config", default=default, help=f"shipped config ({', '.join(list_configs())})")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. stage1.epochs=10 model.dropout=0.1")
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from guie.pipeline import run_local
+
+    report = run_local(_config(args), args.out, resume=args.resume, compat=args.compat)
+    keys = [k for k in report if k.startswith("map5_") and not k.endswith("per_domain")]
+    print(json.dumps({k: round(report[k], 4) for k in keys}, indent=2))
+    print(f"report: {args.out}/report.json  submission: {report.get('submission_zip', '-')}")
+    return 0 if report["status"] == "done" else 3
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from guie.pipeline import train
+
+    report = train(_config(args), args.out, resume=not args.restart, max_hours=args.max_hours)
+    print(json.dumps({k: v for k, v in report.items() if "per_domain" not in k}, indent=2))
+    return 0 if report["status"] == "done" else 3
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from guie.pipeline import export_submission
+
+    print(export_submission(_config(args), args.checkpoint, args.out, compat=args.compat))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("local", help="run data -> stages -> export -> mP@5 on this machine")
+    _add_config_args(p, "tiny")
+    p.add_argument("--out", default="build/local")
+    p.add_argument("--resume", action="store_true", help="continue the stages found in --out")
+    p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
+    p.set_defaults(func=cmd_local)
+
+    p = subparsers.add_parser("train", help="train a config's stages (resumes by default)")
+    _add_config_args(p, "tiny")
+    p.add_argument("--out", default="build/train")
+    p.add_argument("--restart", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--max-hours", type=float, default=0.0,
+                   help="checkpoint and stop cleanly after this long (Kaggle: 11.5)")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("export", help="export a trained model as submission.zip")
+    _add_config_args(p, "tiny")
+    p.add_argument("--checkpoint", required=True, help="training output folder or a final.pt")
+    p.add_argument("--out", default="build/export")
+    p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
+    p.set_defaults(func=cmd_export)

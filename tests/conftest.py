@@ -1,0 +1,21 @@
+"""Shared pytest fixtures. Keep each fixture small and say what it is for."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_guie_cache(tmp_path_factory):
+    """Point GUIE_CACHE_DIR at a temporary folder so tests never write to ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GUIE_CACHE_DIR", str(tmp_path_factory.mktemp("guie-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """(root, (tfrecord DataSource, csv DataSource)): a small build of the sample data set."""
+    from guie.data.sample import build_sample_data
+
+    root = tmp_path_factory.mktemp("sample-data")
+    return root, build_sample_data(root, num_instances=160, views_per_instance=5, seed=0)

@@ -1,0 +1,473 @@
+"""A local HTTP server that speaks the Kaggle wire protocol, for the real `kaggle` client.
+
+Every RPC is `POST /v1/{Service}/{Method}` (or `/api/v1/...` in LOCALHOST mode, possibly as an
+absolute-form proxy request line) with a camelCase JSON body. Each body is checked key by key
+against its kagglesdk request type (`from_json` silently drops unknown keys, so that check is
+ours), then parsed with `from_dict`; a malformed call gets a 400. The server keeps what arrived
+(metadata, uploaded bytes, notebook sources) for the tests to assert on, and injects faults.
+
+Point the client at it in-process by replacing the PROD entry of
+`kagglesdk.kaggle_env._env_to_endpoint` with `server.url`, or from a subprocess with
+KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=server.url (NO_PROXY cleared).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
+
+from kagglesdk.blobs.types import blob_api_service as blobs
+from kagglesdk.competitions.types import competition_api_service as comps
+from kagglesdk.datasets.types import dataset_api_service as ds
+from kagglesdk.kaggle_object import KaggleObject, KaggleObjectSerializer, ListSerializer
+from kagglesdk.kernels.types import kernels_api_service as kernels
+
+COMPETITION = "google-universal-image-embedding"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None,
+                 body: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.body = status, message, headers or {}, body
+
+
+@dataclass
+class Fault:
+    rpc: str  # Method name, e.g. "GetDatasetStatus"
+    status: int
+    times: int = 1
+    message: str = "injected fault"
+    headers: dict = field(default_factory=dict)
+    body: dict | None = None  # answer this JSON instead of an error ({"code", "message"})
+
+
+@dataclass
+class Blob:
+    name: str
+    content_length: int
+    data: bytearray = field(default_factory=bytearray)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.data) == self.content_length
+
+
+@dataclass
+class Dataset:
+    ref: str
+    title: str
+    license_name: str
+    is_private: bool
+    versions: list[dict[str, bytes]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)  # answered in turn; the last one sticks
+
+
+@dataclass
+class Kernel:
+    ref: str
+    versions: list[dict] = field(default_factory=list)  # the raw SaveKernel bodies
+    statuses: list[tuple[str, str]] = field(default_factory=list)  # (state, failure message)
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    log: str = ""
+
+
+def check_keys(cls: type, raw: Any, where: str) -> None:
+    """Reject keys the request type does not have, recursively, and wrongly typed scalars."""
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"{where}: expected an object")
+    fields = {f.json_name: f for f in cls._fields}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ApiError(400, f"{where}: unknown field(s) {unknown} for {cls.__name__}")
+    for name, value in raw.items():
+        f, at = fields[name], f"{where}.{name}"
+        is_object = isinstance(f.field_type, type) and issubclass(f.field_type, KaggleObject)
+        if isinstance(f.serializer, ListSerializer):
+            if not isinstance(value, list):
+                raise ApiError(400, f"{at}: expected a list")
+            for i, item in enumerate(value):
+                if is_object:
+                    check_keys(f.field_type, item, f"{at}[{i}]")
+                elif f.field_type in (str, int, bool) and not _scalar_ok(f.field_type, item):
+                    raise ApiError(400, f"{at}[{i}]: expected {f.field_type.__name__}")
+        elif isinstance(f.serializer, KaggleObjectSerializer):
+            check_keys(f.field_type, value, at)
+        elif isinstance(f.field_type, type) and issubclass(f.field_type, Enum):
+            if value not in f.field_type.__members__:
+                raise ApiError(400, f"{at}: {value!r} is not a {f.field_type.__name__}")
+        elif f.field_type in (str, int, bool) and not _scalar_ok(f.field_type, value):
+            raise ApiError(400, f"{at}: expected {f.field_type.__name__}, got {value!r}")
+
+
+def _scalar_ok(tp: type, value: Any) -> bool:
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class FakeKaggle:
+    """State, fault injection and RPC handlers; `start()` serves it on 127.0.0.1."""
+
+    def __init__(self, username: str = "fake-user", key: str = "fake-key-0123456789abcdef"):
+        self.username, self.key = username, key
+        self.calls: list[tuple[str, dict | None]] = []  # (Method or "PUT"/"GET" path, body)
+        self.raw_bodies: list[bytes] = []  # every request body, for leak checks
+        self.faults: list[Fault] = []
+        self.blobs: dict[str, Blob] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.kernels: dict[str, Kernel] = {}
+        self.submissions: list[dict] = []
+        self.leaderboard: list[dict] = []
+        self.missing_datasets: set[str] = set()  # dataset sources SaveKernel reports as invalid
+        self.ready_after_polls = 1  # GetDatasetStatus answers "not yet" this many times first
+        self.upload_break: str | None = None  # "503" or "drop": the next blob PUT breaks midway
+        self.reject_submission: str | None = None  # CreateCodeSubmission answers 400 with this
+        self.daily_cap = 5
+        self.limits_endpoint = True  # False: GetSubmissionLimits answers 404
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._handlers: dict[str, tuple[type, Callable[[Any, dict], dict | bytes]]] = {
+            "datasets.DatasetApiService/GetDatasetStatus": (ds.ApiGetDatasetStatusRequest, self._dataset_status),
+            "datasets.DatasetApiService/CreateDataset": (ds.ApiCreateDatasetRequest, self._create_dataset),
+            "datasets.DatasetApiService/CreateDatasetVersion": (ds.ApiCreateDatasetVersionRequest, self._create_version),
+            "blobs.BlobApiService/StartBlobUpload": (blobs.ApiStartBlobUploadRequest, self._start_blob),
+            "kernels.KernelsApiService/SaveKernel": (kernels.ApiSaveKernelRequest, self._save_kernel),
+            "kernels.KernelsApiService/GetKernelSessionStatus": (kernels.ApiGetKernelSessionStatusRequest, self._kernel_status),
+            "kernels.KernelsApiService/ListKernelSessionOutput": (kernels.ApiListKernelSessionOutputRequest, self._kernel_output),
+            "competitions.CompetitionApiService/CreateCodeSubmission": (comps.ApiCreateCodeSubmissionRequest, self._submit),
+            "competitions.CompetitionApiService/ListSubmissions": (comps.ApiListSubmissionsRequest, self._list_submissions),
+            "competitions.CompetitionApiService/GetSubmissionLimits": (comps.ApiGetSubmissionLimitsRequest, self._limits),
+            "competitions.CompetitionApiService/GetLeaderboard": (comps.ApiGetLeaderboardRequest, self._leaderboard),
+            "competitions.CompetitionApiService/DownloadLeaderboard": (comps.ApiDownloadLeaderboardRequest, self._download_leaderboard),
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "FakeKaggle":
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    # -- test helpers -----------------------------------------------------------------------------
+
+    def fail(self, rpc: str, status: int, times: int = 1, message: str = "injected fault",
+             retry_after_s: float | None = None, body: dict | None = None) -> None:
+        """The next `times` calls of rpc (a Method name, or "GET" for output files) fail."""
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
+        self.faults.append(Fault(rpc, status, times, message, headers, body))
+
+    def rpc_calls(self, method: str) -> list[dict]:
+        return [body for name, body in self.calls if name == method]
+
+    def add_kernel_run(self, ref: str, statuses: list[tuple[str, str]], outputs: dict[str, bytes],
+                       log: str) -> None:
+        kernel = self.kernels.setdefault(ref, Kernel(ref))
+        kernel.statuses, kernel.outputs, kernel.log = list(statuses), dict(outputs), log
+
+    def add_submission(self, description: str, status: str = "COMPLETE", public: str = "",
+                       private: str = "", date: datetime | None = None) -> None:
+        self.submissions.append({
+            "ref": 1000 + len(self.submissions), "date": _iso(date or datetime.now(timezone.utc)),
+            "description": description, "status": status, "publicScore": public,
+            "privateScore": private, "fileName": "submission.zip", "teamName": self.username})
+
+    def received_files(self) -> dict[str, bytes]:
+        """Every completed upload by file name, zip members expanded as name/member."""
+        out: dict[str, bytes] = {}
+        for blob in self.blobs.values():
+            out[blob.name] = bytes(blob.data)
+            if blob.name.endswith(".zip") and blob.complete:
+                with zipfile.ZipFile(io.BytesIO(bytes(blob.data))) as z:
+                    for member in z.namelist():
+                        out[f"{blob.name}/{member}"] = z.read(member)
+        return out
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def handle_rpc(self, name: str, raw: bytes, auth: str | None) -> tuple[int, dict, bytes]:
+        method = name.rsplit("/", 1)[-1]
+        with self._lock:
+            self.raw_bodies.append(raw)
+            try:
+                body = json.loads(raw or b"{}")
+            except json.JSONDecodeError:
+                body = None
+            self.calls.append((method, body))
+            try:
+                if auth != "Basic " + base64.b64encode(f"{self.username}:{self.key}".encode()).decode():
+                    raise ApiError(401, "Unauthenticated")
+                for fault in self.faults:
+                    if fault.rpc == method and fault.times > 0:
+                        fault.times -= 1
+                        raise ApiError(fault.status, fault.message, fault.headers, fault.body)
+                if name not in self._handlers:
+                    raise ApiError(404, f"no such RPC {name}")
+                if body is None:
+                    raise ApiError(400, f"{method}: body is not JSON")
+                request_type, handler = self._handlers[name]
+                check_keys(request_type, body, method)
+                result = handler(request_type.from_dict(body), body)
+            except ApiError as e:
+                payload = json.dumps(e.body if e.body is not None else
+                                     {"code": e.status, "message": e.message}).encode()
+                return e.status, {"Content-Type": "application/json", **e.headers}, payload
+        if isinstance(result, bytes):
+            return 200, {"Content-Type": "application/zip"}, result
+        return 200, {"Content-Type": "application/json"}, json.dumps(result).encode()
+
+    def handle_put(self, token: str, headers: Any, body: bytes) -> tuple[int, dict]:
+        with self._lock:
+            self.raw_bodies.append(body)
+            self.calls.append(("PUT", {"token": token, "content_range": headers.get("Content-Range")}))
+            blob = self.blobs.get(token)
+            if blob is None:
+                return 404, {}
+            content_range = headers.get("Content-Range") or ""
+            if content_range.startswith("bytes */"):  # "how much did you get?"
+                if blob.complete:
+                    return 200, {}
+                return 308, ({"Range": f"bytes=0-{len(blob.data) - 1}"} if blob.data else {})
+            start = int(content_range.split()[1].split("-")[0]) if content_range else 0
+            if start != len(blob.data) and start != 0:
+                return 400, {}
+            if self.upload_break and len(body) > 1:
+                self.upload_break, mode = None, self.upload_break
+                blob.data[start:] = body[: len(body) // 2]  # only half of it arrived
+                return (503, {}) if mode == "503" else (-1, {})
+            blob.data[start:] = body
+            return (200 if blob.complete else 308), {}
+
+    # -- RPC handlers -------------------------------------------------------------------------------
+
+    def _owner_check(self, owner: str, what: str) -> None:
+        if owner != self.username:
+            raise ApiError(403, f"{what}: {self.username} may not write as {owner}")
+
+    def _dataset_status(self, req: Any, raw: dict) -> dict:
+        dataset = self.datasets.get(f"{req.owner_slug}/{req.dataset_slug}")
+        if dataset is None:
+            raise ApiError(404, "Dataset not found")
+        status = dataset.statuses.pop(0) if len(dataset.statuses) > 1 else dataset.statuses[0]
+        return {"status": status}
+
+    def _files(self, files: list, what: str) -> dict[str, bytes]:
+        out = {}
+        for f in files:
+            blob = self.blobs.get(f.token)
+            if blob is None or not blob.complete:
+                raise ApiError(400, f"{what}: blob {f.token!r} is unknown or incomplete")
+            out[blob.name] = bytes(blob.data)
+        if not out:
+            raise ApiError(400, f"{what}: no files")
+        return out
+
+    def _new_statuses(self) -> list[str]:
+        return ["BLOBS_RECEIVED"] * self.ready_after_polls + ["READY"]
+
+    def _create_dataset(self, req: Any, raw: dict) -> dict:
+        ref = f"{req.owner_slug}/{req.slug}"
+        self._owner_check(req.owner_slug, "CreateDataset")
+        if not req.title or not req.license_name:
+            raise ApiError(400, "CreateDataset: title and licenseName are required")
+        if ref in self.datasets:
+            raise ApiError(409, f"The dataset slug {req.slug!r} is already in use")
+        dataset = Dataset(ref, req.title, req.license_name, req.is_private)
+        dataset.versions.append(self._files(req.files, "CreateDataset"))
+        dataset.statuses = self._new_statuses()
+        self.datasets[ref] = dataset
+        return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "Ok"}
+
+    def _create_version(self, req: Any, raw: dict) -> dict:
+        ref = f"{req.owner_slug}/{req.dataset_slug}"
+        self._owner_check(req.owner_slug, "CreateDatasetVersion")
+        if ref not in self.datasets:
+            raise ApiError(404, "Dataset not found")
+        if req.body is None or not req.body.version_notes:
+            raise ApiError(400, "CreateDatasetVersion: versionNotes are required")
+        dataset = self.datasets[ref]
+        dataset.versions.append(self._files(req.body.files, "CreateDatasetVersion"))
+        dataset.statuses = self._new_statuses()
+        return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "Ok"}
+
+    def _start_blob(self, req: Any, raw: dict) -> dict:
+        if req.type.name != "DATASET" or not req.name or req.content_length <= 0:
+            raise ApiError(400, "StartBlobUpload: type DATASET, a name and a length are required")
+        token = f"blob{len(self.blobs):04d}"
+        self.blobs[token] = Blob(req.name, req.content_length)
+        return {"token": token, "createUrl": f"{self.url}/upload/{token}"}
+
+    def _save_kernel(self, req: Any, raw: dict) -> dict:
+        if not req.slug or not req.text or req.language != "python" or req.kernel_type != "notebook":
+            raise ApiError(400, "SaveKernel: slug, text, language python, kernelType notebook required")
+        owner = req.slug.split("/")[0]
+        self._owner_check(owner, "SaveKernel")
+        notebook = json.loads(req.text)
+        if notebook.get("nbformat") != 4:
+            raise ApiError(400, "SaveKernel: text is not an nbformat 4 notebook")
+        kernel = self.kernels.setdefault(req.slug, Kernel(req.slug))
+        kernel.versions.append(raw)
+        kernel.statuses = kernel.statuses or [("RUNNING", ""), ("COMPLETE", "")]
+        invalid = [s for s in req.dataset_data_sources if s in self.missing_datasets]
+        return {"ref": f"/code/{req.slug}", "url": f"https://www.kaggle.com/code/{req.slug}",
+                "versionNumber": len(kernel.versions), "invalidDatasetSources": invalid}
+
+    def _kernel(self, req: Any) -> Kernel:
+        kernel = self.kernels.get(f"{req.user_name}/{req.kernel_slug}")
+        if kernel is None:
+            raise ApiError(404, "Kernel not found")
+        return kernel
+
+    def _kernel_status(self, req: Any, raw: dict) -> dict:
+        kernel = self._kernel(req)
+        state, failure = kernel.statuses.pop(0) if len(kernel.statuses) > 1 else kernel.statuses[0]
+        return {"status": state, **({"failureMessage": failure} if failure else {})}
+
+    def _kernel_output(self, req: Any, raw: dict) -> dict:
+        kernel = self._kernel(req)
+        files = [{"fileName": name, "url": f"{self.url}/output/{kernel.ref}/{name}"}
+                 for name in sorted(kernel.outputs)]
+        return {"files": files, "log": kernel.log}
+
+    def _today_count(self) -> int:
+        today = datetime.now(timezone.utc).date().isoformat()
+        return sum(1 for s in self.submissions if s["date"].startswith(today))
+
+    def _submit(self, req: Any, raw: dict) -> dict:
+        if req.competition_name != COMPETITION:
+            raise ApiError(404, f"Competition {req.competition_name!r} not found")
+        ref = f"{req.kernel_owner}/{req.kernel_slug}"
+        kernel = self.kernels.get(ref)
+        if kernel is None or not kernel.versions:
+            raise ApiError(404, f"Kernel {ref} not found")
+        if req.kernel_version is not None and not 1 <= req.kernel_version <= len(kernel.versions):
+            raise ApiError(400, f"Kernel {ref} has no version {req.kernel_version}")
+        if not req.file_name:
+            raise ApiError(400, "CreateCodeSubmission: fileName is required")
+        if self._today_count() >= self.daily_cap:
+            raise ApiError(400, "Daily submission limit reached")
+        if self.reject_submission:
+            raise ApiError(400, self.reject_submission)
+        self.add_submission(req.submission_description or "", status="PENDING")
+        return {"message": "Your submission was successfully saved", "ref": self.submissions[-1]["ref"]}
+
+    def _list_submissions(self, req: Any, raw: dict) -> dict:
+        if req.competition_name != COMPETITION:
+            raise ApiError(404, "Competition not found")
+        ordered = sorted(self.submissions, key=lambda s: s["date"], reverse=True)
+        start = int(req.page_token or 0)
+        size = req.page_size or 20
+        page = ordered[start:start + size]
+        next_token = str(start + size) if start + size < len(ordered) else ""
+        return {"submissions": page, "nextPageToken": next_token}
+
+    def _limits(self, req: Any, raw: dict) -> dict:
+        if not self.limits_endpoint:
+            raise ApiError(404, "no such RPC")
+        used = self._today_count()
+        return {"numToday": used, "numTotal": len(self.submissions),
+                "numAllowedNow": max(0, self.daily_cap - used)}
+
+    def _leaderboard(self, req: Any, raw: dict) -> dict:
+        size = req.page_size or 20
+        return {"submissions": self.leaderboard[:size],
+                "nextPageToken": "next" if len(self.leaderboard) > size else ""}
+
+    def _download_leaderboard(self, req: Any, raw: dict) -> bytes:
+        lines = ["TeamId,TeamName,LastSubmissionDate,Score"] + [
+            f"{e['teamId']},{e['teamName']},{e['submissionDate']},{e['score']}" for e in self.leaderboard]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr(f"{COMPETITION}-publicleaderboard.csv", "\n".join(lines) + "\n")
+        return buffer.getvalue()
+
+
+def default_leaderboard(n: int = 5) -> list[dict]:
+    start = datetime(2022, 10, 10, tzinfo=timezone.utc)
+    return [{"teamId": 100 + i, "teamName": f"team {i}", "score": f"{0.73 - 0.02 * i:.3f}",
+             "submissionDate": _iso(start - timedelta(days=i))} for i in range(n)]
+
+
+def _make_handler(fake: FakeKaggle) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _path(self) -> str:
+            # Absolute-form request lines arrive when the client goes through HTTP_PROXY.
+            path = unquote(urlsplit(self.path).path)
+            return path[len("/api"):] if path.startswith("/api/") else path
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _send(self, status: int, headers: dict, body: bytes = b"") -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            path = self._path()
+            if not path.startswith("/v1/"):
+                return self._send(404, {})
+            status, headers, body = fake.handle_rpc(path[len("/v1/"):], self._body(),
+                                                    self.headers.get("Authorization"))
+            self._send(status, headers, body)
+
+        def do_PUT(self) -> None:  # noqa: N802
+            path = self._path()
+            if not path.startswith("/upload/"):
+                return self._send(404, {})
+            status, headers = fake.handle_put(path[len("/upload/"):], self.headers, self._body())
+            if status == -1:  # a broken connection: no answer at all
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return None
+            self._send(status, headers)
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self._path()
+            with fake._lock:
+                fake.calls.append(("GET", {"path": path}))
+                faults = [f for f in fake.faults if f.rpc == "GET" and f.times > 0]
+                if faults:
+                    faults[0].times -= 1
+                    return self._send(faults[0].status, faults[0].headers)
+            if path.startswith("/output/"):
+                owner, slug, name = path[len("/output/"):].split("/", 2)
+                kernel = fake.kernels.get(f"{owner}/{slug}")
+                if kernel is not None and name in kernel.outputs:
+                    return self._send(200, {"Content-Type": "application/octet-stream"},
+                                      kernel.outputs[name])
+            self._send(404, {})
+
+    return Handler

@@ -1,0 +1,281 @@
+"""`push`, `status`, `submit`, `leaderboard`, `push-weights` end to end against the fake server."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, USERNAME
+from fake_server import default_leaderboard
+from guie.kaggle.packaging import tree_hash
+from guie_cli.kaggle_cmds import register
+
+SOURCES = 'data.sources=[{"name": "glr", "kind": "tfrecord", "location": "glr", "kaggle_slug": "someone/glr-mini-tfrecords"}]'
+SRC, WHEELS = f"{USERNAME}/guie-kit-src", f"{USERNAME}/guie-kit-wheels"
+TRAIN, INFER = f"{USERNAME}/guie-train-smoke", f"{USERNAME}/guie-infer-smoke"
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> str:
+    return str(tmp_path / "work")
+
+
+@pytest.fixture
+def pushed(fake_kaggle, workdir, wheelhouse):
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               SOURCES) == 0
+    return fake_kaggle
+
+
+def notebook_parameters(save_kernel_body: dict) -> dict:
+    notebook = json.loads(save_kernel_body["text"])
+    injected = [c for c in notebook["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    namespace: dict = {}
+    exec(injected[0]["source"], namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+
+
+def assert_no_key_sent(fake_kaggle) -> None:
+    for body in fake_kaggle.raw_bodies:
+        assert KEY.encode() not in body
+    for name, data in fake_kaggle.received_files().items():
+        assert KEY.encode() not in data, name
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def test_push_dry_run_sends_nothing(fake_kaggle, workdir, wheelhouse, capsys):
+    assert cli("push", "--dry-run", "--workdir", workdir, "--wheels-from", str(wheelhouse), SOURCES) == 0
+    assert fake_kaggle.calls == []
+    out = capsys.readouterr().out
+    assert "nothing is sent" in out and f"dataset {SRC}" in out and "src/guie/__init__.py" in out
+    assert f"kernel {TRAIN}" in out and f"kernel {INFER}" in out and "train.ipynb" in out
+    assert '"enable_internet": false' in out and "someone/glr-mini-tfrecords" in out
+    assert (Path(workdir) / "kernels" / "guie-infer-smoke" / "kernel-metadata.json").exists()
+
+
+def test_push_dry_run_works_without_credentials(fake_kaggle, workdir, monkeypatch, capsys):
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    assert cli("push", "--dry-run", "--workdir", workdir) == 0
+    assert "your-kaggle-username/guie-kit-src" in capsys.readouterr().out
+    assert fake_kaggle.calls == []
+
+
+def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, capsys):
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               SOURCES) == 0
+    fake = fake_kaggle
+    created = {c["slug"]: c for c in fake.rpc_calls("CreateDataset")}
+    assert set(created) == {"guie-kit-src", "guie-kit-wheels"}
+    assert all(c["isPrivate"] for c in created.values())
+    files = fake.received_files()
+    assert "src.zip/guie/__init__.py" in files and "src.zip/guie/kaggle/client.py" in files
+    assert not [n for n in files if "__pycache__" in n or n.endswith(".pyc")]
+    assert "open_clip_torch-3.3.0-py3-none-any.whl" in files
+    uploaded_hash = tree_hash({n[len("src.zip/guie/"):]: d for n, d in files.items()
+                               if n.startswith("src.zip/guie/")})
+
+    saved = {body["slug"]: body for body in fake.rpc_calls("SaveKernel")}
+    train, infer = saved[TRAIN], saved[INFER]
+    assert train["datasetDataSources"] == [SRC, WHEELS, "someone/glr-mini-tfrecords"]
+    assert infer["datasetDataSources"] == [SRC, WHEELS]
+    assert infer["competitionDataSources"] == ["google-universal-image-embedding"]
+    assert infer["kernelDataSources"] == [TRAIN]
+    for body in (train, infer):
+        assert body["enableInternet"] is False and body["enableGpu"] is True
+        assert body["isPrivate"] is True and body["language"] == "python"
+    params = notebook_parameters(train)
+    assert params["config_name"] == "smoke" and params["overrides"] == [SOURCES]
+    assert params["source_hash"] == uploaded_hash  # the notebook checks what was uploaded
+    assert params["source_dir"] == "/kaggle/input/guie-kit-src" and params["max_hours"] == 11.0
+    assert notebook_parameters(infer)["checkpoint"] == "/kaggle/input/guie-train-smoke"
+    assert_no_key_sent(fake)
+
+    out = capsys.readouterr().out
+    assert "https://www.kaggle.com/code/fake-user/guie-train-smoke" in out
+    state = json.loads((Path(workdir) / "state.json").read_text())
+    assert state["kernels"]["infer"] == {"ref": INFER, "url": f"https://www.kaggle.com/code/{INFER}",
+                                         "version": 1}
+
+
+def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
+    calls_before = len(pushed.calls)
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "infer", SOURCES) == 0
+    new = [name for name, _ in pushed.calls[calls_before:]]
+    assert "CreateDatasetVersion" not in new and "CreateDataset" not in new and "PUT" not in new
+    assert new.count("SaveKernel") == 1
+    state = json.loads((Path(workdir) / "state.json").read_text())
+    assert state["kernels"]["infer"]["version"] == 2 and state["kernels"]["train"]["version"] == 1
+
+
+def test_push_reports_a_slug_conflict(fake_kaggle, workdir, wheelhouse, capsys):
+    fake_kaggle.fail("CreateDataset", 409, message="The dataset slug 'guie-kit-src' is already in use")
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 1
+    assert "already in use" in capsys.readouterr().err
+    assert fake_kaggle.rpc_calls("SaveKernel") == []
+
+
+def test_push_with_bad_credentials_says_so(fake_kaggle, workdir, wheelhouse, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_KEY", "wrong-key-0000000000")
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 1
+    assert "refused the credentials of user 'fake-user'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def test_status_wait_downloads_outputs_and_shows_a_failure(pushed, workdir, capsys):
+    log = json.dumps([{"stream_name": "stderr", "time": 1.0, "data": "Traceback: CUDA out of memory\n"}])
+    pushed.add_kernel_run(TRAIN, [("RUNNING", ""), ("COMPLETE", "")],
+                          {"report.json": b'{"status": "done"}', "stage1/final.pt": b"ckpt"}, "[]")
+    pushed.add_kernel_run(INFER, [("ERROR", "Notebook failed")], {}, log)
+    assert cli("status", "--wait", "--workdir", workdir, "--poll-s", "0") == 1
+    out = capsys.readouterr().out
+    assert "train  fake-user/guie-train-smoke: COMPLETE" in out
+    assert "infer  failure: Notebook failed" in out and "CUDA out of memory" in out
+    outputs = Path(workdir) / "outputs"
+    assert (outputs / "guie-train-smoke" / "stage1" / "final.pt").read_bytes() == b"ckpt"
+    assert (outputs / "guie-infer-smoke" / "guie-infer-smoke.log").exists()
+
+
+def test_status_without_wait(pushed, workdir, capsys):
+    assert cli("status", "--workdir", workdir) == 0
+    assert "infer  fake-user/guie-infer-smoke: RUNNING" in capsys.readouterr().out
+    assert pushed.rpc_calls("ListKernelSessionOutput") == []
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+def complete_infer(fake) -> None:
+    fake.add_kernel_run(INFER, [("COMPLETE", "")], {"submission.zip": b"PK"}, "")
+
+
+def test_submit_sends_one_code_submission(pushed, workdir, monkeypatch, capsys):
+    complete_infer(pushed)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: no prompt
+    assert cli("submit", "--workdir", workdir) == 0
+    sent = pushed.rpc_calls("CreateCodeSubmission")
+    assert len(sent) == 1 and sent[0]["kernelSlug"] == "guie-infer-smoke"
+    assert sent[0]["kernelVersion"] == 1 and sent[0]["fileName"] == "submission.zip"
+    assert sent[0]["submissionDescription"].startswith("exp=smoke commit=")
+    assert "4 left today" in capsys.readouterr().out
+    assert json.loads((Path(workdir) / "state.json").read_text())["submissions"][0]["version"] == 1
+
+
+def test_submit_dry_run_sends_nothing(pushed, workdir, capsys):
+    before = len(pushed.calls)
+    assert cli("submit", "--dry-run", "--version", "3", "--workdir", workdir) == 0
+    assert len(pushed.calls) == before
+    assert "would submit fake-user/guie-infer-smoke version 3" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_kernel_that_has_not_finished(pushed, workdir, capsys):
+    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert "RUNNING" in capsys.readouterr().err and pushed.rpc_calls("CreateCodeSubmission") == []
+
+
+def test_rejected_submission(pushed, workdir, capsys):
+    complete_infer(pushed)
+    pushed.reject_submission = "Submission file submission.zip not found"
+    assert cli("submit", "--workdir", workdir, "--yes") == 2
+    assert "rejected by Kaggle: Submission file submission.zip not found" in capsys.readouterr().err
+    assert len(pushed.rpc_calls("CreateCodeSubmission")) == 1
+
+
+def test_daily_cap_reached(pushed, workdir, capsys):
+    complete_infer(pushed)
+    for i in range(5):
+        pushed.add_submission(f"exp=smoke #{i}")
+    assert cli("submit", "--workdir", workdir, "--yes") == 2
+    assert "daily submission cap is reached" in capsys.readouterr().err
+    assert pushed.rpc_calls("CreateCodeSubmission") == []
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+
+def test_leaderboard_appends_history_and_plots(fake_kaggle, workdir, capsys):
+    fake_kaggle.add_submission("exp=smoke commit=abc kernel=x v=1", public="0.41")
+    fake_kaggle.leaderboard = default_leaderboard(5)
+    assert cli("leaderboard", "--workdir", workdir, "--top", "3", "--download") == 0
+    assert cli("leaderboard", "--workdir", workdir, "--top", "3") == 0
+    work = Path(workdir)
+    history = (work / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 1 + 3  # header, own submission, top 3; the second run added nothing
+    assert (work / "history.png").stat().st_size > 0
+    assert zipfile.is_zipfile(work / "google-universal-image-embedding.zip")
+    out = capsys.readouterr().out
+    assert "0.4100" in out and "team 0" in out
+
+
+# ----------------------------------------------------------------------------- push-weights
+
+
+def test_push_weights(fake_kaggle, workdir, tmp_path, capsys):
+    weights = tmp_path / "open_clip_vit_h.bin"
+    weights.write_bytes(os.urandom(3000).replace(KEY.encode(), b""))
+    assert cli("push-weights", str(weights), "--dry-run", "--workdir", workdir) == 0
+    assert fake_kaggle.calls == []
+    assert cli("push-weights", str(weights), "--workdir", workdir, "--poll-s", "0") == 0
+    dataset = fake_kaggle.datasets[f"{USERNAME}/guie-weights-open-clip-vit-h"]
+    assert dataset.versions[0] == {"open_clip_vit_h.bin": weights.read_bytes()}
+    assert dataset.license_name == "other"
+    assert "/kaggle/input/guie-weights-open-clip-vit-h/open_clip_vit_h.bin" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def run_command_line(fake, *argv: str) -> subprocess.CompletedProcess:
+    """A real subprocess pointed at the fake: KAGGLE_API_ENVIRONMENT=LOCALHOST + HTTP_PROXY."""
+    env = {**os.environ, "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "HTTP_PROXY": fake.url,
+           "http_proxy": fake.url, "NO_PROXY": "", "no_proxy": ""}
+    result = subprocess.run([sys.executable, "-m", "guie_cli.kaggle_cmds", *argv],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_command_line_status_submit_and_uploads(pushed, workdir, tmp_path):
+    pushed.add_kernel_run(TRAIN, [("COMPLETE", "")], {"stage1/final.pt": b"ckpt"}, "")
+    complete_infer(pushed)
+    run_command_line(pushed, "status", "--wait", "--workdir", workdir, "--poll-s", "0")
+    assert (Path(workdir) / "outputs" / "guie-infer-smoke" / "submission.zip").read_bytes() == b"PK"
+    run_command_line(pushed, "submit", "--workdir", workdir)
+    assert len(pushed.rpc_calls("CreateCodeSubmission")) == 1
+    weights = tmp_path / "checkpoint.pt"
+    weights.write_bytes(b"\0" * 5000)
+    pushed.upload_break = "503"  # the upload through the proxy breaks once and resumes
+    run_command_line(pushed, "push-weights", str(weights), "--workdir", workdir, "--poll-s", "0")
+    assert pushed.datasets[f"{USERNAME}/guie-weights-checkpoint"].versions[0] == {
+        "checkpoint.pt": weights.read_bytes()}
+    assert_no_key_sent(pushed)
+
+
+@pytest.mark.slow
+def test_command_line_push_and_leaderboard(fake_kaggle, workdir, wheelhouse):
+    run_command_line(fake_kaggle, "push", "--workdir", workdir, "--wheels-from", str(wheelhouse),
+                     "--poll-s", "0")
+    run_command_line(fake_kaggle, "leaderboard", "--workdir", workdir)
+    assert len(fake_kaggle.rpc_calls("SaveKernel")) == 2
+    assert len(fake_kaggle.rpc_calls("CreateDataset")) == 2
+    assert (Path(workdir) / "history.csv").exists()
+    assert_no_key_sent(fake_kaggle)

@@ -1,0 +1,165 @@
+"""Kernel notebooks and metadata built from kernels/*.ipynb."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from guie.configs import get_config
+from guie.config import DataSource
+from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, injected_parameters,
+                                   kernel_config, kernel_metadata, map_kaggle_paths, plan_kernels,
+                                   prepare_resume, write_kernel)
+from guie.kaggle.packaging import pack_source
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = ("me/guie-kit-src", "me/guie-kit-wheels")
+
+
+def plans_for(cfg, **kwargs):
+    return plan_kernels(cfg, "smoke", ["stage1.epochs=1"], "me", source_ref=SOURCES[0],
+                        wheels_ref=SOURCES[1], source_hash="ab" * 32, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def kaggle_cfg():
+    from dataclasses import replace
+
+    cfg = get_config("smoke")
+    source = DataSource("glr", "tfrecord", "glr-mini", kaggle_slug="someone/glr-mini-tfrecords")
+    return replace(cfg, data=replace(cfg.data, sources=(source,)))
+
+
+@pytest.mark.parametrize("name", ["train", "infer"])
+def test_templates_are_clean_v4_notebooks(name):
+    nb = nbformat.read(TEMPLATES_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4 and nb.metadata.kernelspec.name == "python3"
+    assert nb.cells[0].cell_type == "markdown"
+    assert nb.cells[1].metadata.tags == ["parameters"]
+    for cell in nb.cells[2:]:
+        assert cell.cell_type == "code" and cell.outputs == [] and cell.execution_count is None
+        assert len(cell.source.splitlines()) <= 9  # short cells that only call into guie
+    code = "\n".join(c.source for c in nb.cells[2:])
+    imports = [line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))]
+    assert {i.split(".")[0] for i in imports} <= {"sys", "guie"}
+
+
+def test_plan_metadata(kaggle_cfg):
+    plans = plans_for(kaggle_cfg)
+    train, infer = plans["train"].metadata, plans["infer"].metadata
+    assert train["id"] == "me/guie-train-smoke" and train["title"] == "GUIE train smoke"
+    assert infer["id"] == "me/guie-infer-smoke"
+    for meta in (train, infer):
+        assert meta["language"] == "python" and meta["kernel_type"] == "notebook"
+        assert meta["is_private"] is True and meta["enable_gpu"] is True
+        assert meta["enable_tpu"] is False and meta["machine_shape"] == "NvidiaTeslaT4"
+        assert "enable_internet" in meta
+    assert infer["enable_internet"] is False and train["enable_internet"] is False
+    assert train["dataset_sources"] == [*SOURCES, "someone/glr-mini-tfrecords"]
+    assert infer["dataset_sources"] == list(SOURCES)
+    assert infer["competition_sources"] == ["google-universal-image-embedding"]
+    assert train["competition_sources"] == []
+    assert infer["kernel_sources"] == ["me/guie-train-smoke"]
+    assert plans["infer"].parameters["checkpoint"] == "/kaggle/input/guie-train-smoke"
+    assert plans["train"].parameters["data_root"] == "/kaggle/input"  # the config names Kaggle data
+    assert plans_for(get_config("smoke"))["train"].parameters["data_root"] == ""
+
+
+def test_plan_resume_and_extra_datasets(kaggle_cfg):
+    plans = plans_for(kaggle_cfg, resume_kernel="me/guie-train-smoke-part1",
+                      extra_datasets=["me/guie-weights-vit-h-14"], private=False, train_internet=True)
+    train = plans["train"]
+    assert train.metadata["kernel_sources"] == ["me/guie-train-smoke-part1"]
+    assert train.parameters["resume_from"] == "/kaggle/input/guie-train-smoke-part1"
+    assert "me/guie-weights-vit-h-14" in plans["infer"].metadata["dataset_sources"]
+    assert train.metadata["is_private"] is False and train.metadata["enable_internet"] is True
+    assert plans["infer"].metadata["enable_internet"] is False
+
+
+def test_metadata_checks_title_and_slug():
+    with pytest.raises(NotebookError, match="slugify"):
+        kernel_metadata("me/guie-train-smoke", "Another title", "train.ipynb", enable_gpu=True,
+                        enable_internet=False, dataset_sources=[])
+    with pytest.raises(NotebookError, match="owner/slug"):
+        kernel_metadata("me/guie-train-smoke", "GUIE train smoke", "train.ipynb", enable_gpu=True,
+                        enable_internet=False, dataset_sources=["no-owner"])
+
+
+@pytest.mark.parametrize("kind", ["train", "infer"])
+def test_built_notebook_has_the_parameters_injected(kaggle_cfg, tmp_path, kind):
+    plan = plans_for(kaggle_cfg)[kind]
+    folder = write_kernel(plan, tmp_path)
+    nb = nbformat.read(folder / f"{kind}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    assert tags[1] == ["parameters"] and tags[2] == ["injected-parameters"]
+    namespace: dict = {}
+    exec(nb.cells[2].source, namespace)  # the injected cell is plain assignments
+    assert {k: namespace[k] for k in plan.parameters} == plan.parameters
+    assert injected_parameters(folder / f"{kind}.ipynb") == plan.parameters
+    assert all(c.get("outputs", []) == [] for c in nb.cells)
+    assert json.loads((folder / "kernel-metadata.json").read_text()) == plan.metadata
+    assert str(tmp_path) not in (folder / f"{kind}.ipynb").read_text()  # no local paths
+
+
+def test_map_kaggle_paths():
+    mapped = map_kaggle_paths({"source_dir": "/kaggle/input/guie-kit-src", "out_dir": "/kaggle/working",
+                               "data_root": "", "max_hours": 1.0, "other": "/kaggle/inputs"},
+                              "/tmp/in", "/tmp/work")
+    assert mapped == {"source_dir": "/tmp/in/guie-kit-src", "out_dir": "/tmp/work", "data_root": "",
+                      "max_hours": 1.0, "other": "/kaggle/inputs"}
+
+
+def test_prepare_resume_copies_a_previous_output(tmp_path):
+    previous = tmp_path / "prev"
+    (previous / "stage1").mkdir(parents=True)
+    (previous / "stage1" / "last.pt").write_bytes(b"ckpt")
+    assert prepare_resume("", str(tmp_path / "out")) is False
+    assert prepare_resume(str(previous), str(tmp_path / "out")) is True
+    assert (tmp_path / "out" / "stage1" / "last.pt").read_bytes() == b"ckpt"
+    with pytest.raises(NotebookError, match="attach the previous run"):
+        prepare_resume(str(tmp_path / "missing"), str(tmp_path / "out"))
+
+
+def test_kernel_config_applies_overrides_and_root():
+    cfg = kernel_config("smoke", ["stage1.epochs=1"], "/kaggle/input")
+    assert cfg.stage1.epochs == 1 and cfg.data.root == "/kaggle/input"
+    assert kernel_config("smoke", []).data.root == get_config("smoke").data.root
+
+
+@pytest.mark.parametrize("layout", ["src", "zip"])
+def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layout):
+    """The notebook's first cells in a fresh interpreter: import the packed copy, check it."""
+    packed = pack_source(REPO / "src" / "guie", tmp_path / "input" / "guie-kit-src",
+                         REPO / "datasets-metadata" / "guie-src" / "dataset-metadata.json", "me", [])
+    if layout == "zip":  # Kaggle kept the archive: the kernels import from it
+        src = packed.folder / "src"
+        with zipfile.ZipFile(packed.folder / "src.zip", "w") as z:
+            for p in sorted(src.rglob("*")):
+                z.write(p, p.relative_to(src).as_posix())
+        shutil.rmtree(src)
+    plan = plans_for(kaggle_cfg)["infer"]
+    folder = write_kernel(plan, tmp_path / "kernels")
+    params = map_kaggle_paths({**plan.parameters, "source_hash": packed.content_hash},
+                              tmp_path / "input", tmp_path / "working")
+    nb = nbformat.read(folder / "infer.ipynb", as_version=4)
+    script = "\n".join([*(f"{k} = {v!r}" for k, v in params.items()), nb.cells[3].source,
+                        "print(guie.__file__)"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(packed.folder))
+    bad = script.replace(packed.content_hash, "0" * 64)
+    result = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode != 0 and "SourceMismatchError" in result.stderr

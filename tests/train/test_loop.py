@@ -1,0 +1,58 @@
+"""Resume equivalence: stopped after one step and resumed, a stage ends where it would have."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from guie.configs import get_config
+from guie.pipeline import prepare
+from guie.train.loop import run_stage
+
+
+def _session(sample_data):
+    root, sources = sample_data
+    smoke = get_config("smoke")
+    cfg = replace(smoke, data=replace(smoke.data, root=str(root), sources=tuple(sources),
+                                      sample_instances=0, heldout_classes=0,
+                                      distractor_classes=0, num_workers=0))
+    return prepare(cfg)
+
+
+def _run(sample_data, stage, out_dir, cache_dir, resume=True):
+    s = _session(sample_data)
+    outcome = run_stage(s.cfg, stage, s.model, s.preprocess, s.loss_fn, s.split.train, None,
+                        out_dir, s.device, resume=resume, cache_dir=cache_dir)
+    state = {**{f"m.{k}": v.clone() for k, v in s.model.state_dict().items()},
+             **{f"l.{k}": v.clone() for k, v in s.loss_fn.state_dict().items()}}
+    return outcome, state
+
+
+@pytest.mark.parametrize("which", ["stage1", "stage2"])
+def test_resumed_stage_ends_where_an_uninterrupted_one_does(sample_data, tmp_path, which):
+    base = getattr(get_config("smoke"), which)
+    # stage 2: a fraction of an epoch with gradient accumulation, to keep the test quick
+    stage = replace(base, epochs=0.25, grad_accum=2) if which == "stage2" else \
+        replace(base, epochs=1.5)
+    cache = tmp_path / "cache"
+    straight, want = _run(sample_data, stage, tmp_path / "a", cache)
+    assert straight.status == "done"
+
+    paused, _ = _run(sample_data, replace(stage, max_hours=1e-9, checkpoint_every_steps=1),
+                     tmp_path / "b", cache)
+    assert paused.status == "paused" and paused.checkpoint.name == "last.pt"
+    resumed, got = _run(sample_data, stage, tmp_path / "b", cache)
+    assert resumed.status == "done"
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for key, value in want.items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+    if which == "stage1":  # a frozen stage leaves the backbone alone
+        initial = _session(sample_data).model.visual.state_dict()
+        assert all(torch.equal(initial[k], want[f"m.visual.{k}"]) for k in initial)
+
+
+def test_finished_stage_is_not_rerun(sample_data, tmp_path):
+    stage = replace(get_config("smoke").stage1, epochs=0.5)
+    first, state = _run(sample_data, stage, tmp_path, tmp_path / "cache")
+    again, state2 = _run(sample_data, stage, tmp_path, tmp_path / "cache")
+    assert again.history == first.history
+    assert all(torch.equal(state[k], state2[k]) for k in state)
