@@ -2,8 +2,8 @@
 
 An experiment is a `ExperimentConfig`; every recipe module under `guie.configs` builds one with
 `dataclasses.replace` from the defaults here and states only what differs. Overrides from the
-command line (`--stage2.lr_head=1e-4`) are parsed against the field types and unknown keys are
-errors, so a typo never silently trains the wrong thing.
+command line (`--stage2.lr_head=1e-4`, a stage addressed by its name) are parsed against the
+field types and unknown keys are errors, so a typo never silently trains the wrong thing.
 """
 from __future__ import annotations
 
@@ -70,38 +70,62 @@ class ModelConfig:
     pretrained_path: str = ""  # local weights file (open_clip checkpoint or visual state_dict)
     use_projection: bool = True  # False: pre-projection features (1280-d for ViT-H, 2nd place)
     embed_dim: int = 64
-    head: Literal["linear", "multi_dropout"] = "linear"
+    # linear: Dropout + Linear (1st/2nd); multi_dropout: K parallel Dropout(p_i)+Linear branches,
+    # averaged (3rd: 20, p 0.01..0.20); multisample_dropout: one Linear under K dropout masks, the
+    # loss averaged over them (4th); bn_linear: BatchNorm + Linear (5th); identity: the backbone
+    # feature itself (the no-training recipe, reduced to 64 by export.reduction).
+    head: Literal["linear", "multi_dropout", "multisample_dropout", "bn_linear",
+                  "identity"] = "linear"
     dropout: float = 0.2
-    # multi_dropout: K parallel Dropout(p_i)+Linear branches, averaged (3rd place: 20, 0.01..0.20)
-    num_branches: int = 20
+    num_branches: int = 20  # multi_dropout branches, or multisample_dropout masks
     dropout_min: float = 0.01
     grad_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: Literal["arcface"] = "arcface"
+    # arcface: cos(theta + m); cosface: cos(theta) - m (1st place). Both take sub-centres.
+    name: Literal["arcface", "cosface"] = "arcface"
     scale: float = 30.0
-    margin_rad: float = 0.3
+    margin_rad: float = 0.3  # for cosface a cosine offset, not an angle
     subcenters: int = 1  # sub-center ArcFace k (3rd/4th place: 3)
+    # 4th place: each class's margin from its image count n, rare classes getting more:
+    # n^-1/4 mapped linearly onto [min, max]. Replaces the stages' scalar margins.
+    class_margins: bool = False
+    class_margin_min_rad: float = 0.2
+    class_margin_max_rad: float = 0.5
 
 
 @dataclass(frozen=True)
 class StageConfig:
     name: str = "stage"
     enabled: bool = True
-    train_backbone: bool = False
-    use_feature_cache: bool = True  # only for frozen-backbone stages
+    # Parameter groups that learn; every other parameter is frozen (no gradient, no optimizer
+    # state): "head", "centres" (the loss's class centres), "backbone" (all of it), "blocks:I-J"
+    # (transformer blocks I..J inclusive, 0-based), "backbone_stem" (patch + position
+    # embeddings), "backbone_top" (final norm + projection), "all".
+    train: tuple[str, ...] = ("head", "centres")
+    use_feature_cache: bool = True  # only where no backbone group trains
     cache_views: int = 1  # augmented views per image cached (1 = the plain preprocessing)
     epochs: float = 1.0  # fractional epochs allowed (3rd place: 200 tenth-epochs)
     batch_size: int = 64
     grad_accum: int = 1
     lr_head: float = 1e-3
+    lr_centres: float | None = None  # None: lr_head
     lr_backbone: float = 0.0
     layer_decay: float = 1.0  # backbone LR multiplier per block from the top; 1 = flat
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     margin_rad: float | None = None  # None: the loss config's margin
+    # 2nd place: the margin grows by this much after every full epoch, up to the cap.
+    margin_step_rad_per_epoch: float = 0.0
+    margin_max_rad: float = 0.8
+    # Input size and patch-embedding stride of this stage; 0: the preprocess config's size and
+    # the backbone's patch size. Position embeddings are interpolated to the new token grid
+    # (1st place: 280 then 290 px with stride 12 for ViT-H/14's 14 px patches).
+    image_size_px: int = 0
+    patch_stride_px: int = 0
+    ema_decay: float = 0.0  # > 0: train with an exponential moving average of the weights
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     augment: tuple[str, ...] = ("random_resized_crop", "hflip")
     eval_every_epochs: float = 1.0
@@ -113,6 +137,18 @@ class StageConfig:
 class ExportConfig:
     fp16_weights: bool = False
     compat: Literal["none", "torch1.11"] = "none"
+    # Reduction of the head's output to `reduction_dim`, folded into the exported Linear: pca or
+    # whiten fitted on `reduction_images` training images (4th, 6th), avg_pool of neighbouring
+    # dimensions (motono0223's notebook; needs no images).
+    reduction: Literal["none", "pca", "whiten", "avg_pool"] = "none"
+    reduction_dim: int = 64
+    reduction_images: int = 2000
+    # Other training output folders of this same config whose weights are averaged with this
+    # one's (a model soup, 4th place).
+    soup: tuple[str, ...] = ()
+    # Test-time views inside forward, averaged before the L2 norm: "flip" (horizontal), and
+    # "aspect_crops" (5th place: the two ends of an elongated image as extra square views).
+    tta: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,14 +160,39 @@ class ExperimentConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(name="stage1"))
-    stage2: StageConfig = field(
-        default_factory=lambda: StageConfig(
-            name="stage2", train_backbone=True, use_feature_cache=False, lr_head=1e-4,
-            lr_backbone=1e-6, margin_rad=0.5, warmup_epochs=0.1,
-        )
+    # Trained in order; each stage's checkpoints live in a folder named after it.
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(name="stage1"),
+        StageConfig(name="stage2", train=("all",), use_feature_cache=False, lr_head=1e-4,
+                    lr_backbone=1e-6, margin_rad=0.5, warmup_epochs=0.1),
     )
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique (they name checkpoint folders): "
+                             f"{names}")
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"no stage named {name!r} (stages: "
+                         f"{', '.join(s.name for s in self.stages) or 'none'})")
+
+    def __getattr__(self, name: str) -> StageConfig:
+        # `cfg.stage1` reads the stage named "stage1", as overrides address it.
+        stages = self.__dict__.get("stages", ())
+        for s in stages:
+            if s.name == name:
+                return s
+        raise AttributeError(f"{type(self).__name__} has no field or stage {name!r}")
+
+    def replace_stage(self, name: str, **changes) -> "ExperimentConfig":
+        self.stage(name)
+        return replace(self, stages=tuple(replace(s, **changes) if s.name == name else s
+                                          for s in self.stages))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -226,6 +287,11 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 def _replace_path(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
     name = path[0]
     known = {f.name: f for f in fields(obj)}
+    stage_names = [s.name for s in obj.stages] if isinstance(obj, ExperimentConfig) else []
+    if name not in known and name in stage_names and len(path) > 1:
+        stages = tuple(_replace_path(s, path[1:], value, full_key) if s.name == name else s
+                       for s in obj.stages)
+        return replace(obj, stages=stages)
     if name not in known:
         raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no field {name!r} "
                          f"(known: {', '.join(sorted(known))})")
@@ -244,4 +310,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    return from_dict(ExperimentConfig, json.loads(Path(path).read_text()))
+    return from_dict(ExperimentConfig, migrate(json.loads(Path(path).read_text())))
+
+
+def migrate(data: dict) -> dict:
+    """A config saved before stage schedules (fixed stage1/stage2, `train_backbone`) in today's
+    form, so earlier training outputs still load and export."""
+    data = dict(data)
+    if "stages" not in data and ("stage1" in data or "stage2" in data):
+        old = [data.pop(k) for k in ("stage1", "stage2") if k in data]
+        data["stages"] = [_migrate_stage(s) for s in old]
+    return data
+
+
+def _migrate_stage(stage: dict) -> dict:
+    stage = dict(stage)
+    if "train_backbone" in stage:
+        stage["train"] = ["all"] if stage.pop("train_backbone") else ["head", "centres"]
+    return stage

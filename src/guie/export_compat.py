@@ -13,11 +13,12 @@ So this module rebuilds the same network from operations 1.11 has and copies the
 GELU through erf, attention written out with matmul + softmax on `in_proj` weights, layer norm
 through `F.layer_norm`, and the resize through the very upsample op `F.interpolate` calls
 (`_upsample_bicubic2d_aa` etc.), so the numbers match the eager model. The archive is saved as
-torch writes it (no rewriting of its version record): the version check below proves it is one
-1.11 reads. It loses the fused attention kernels, so the default export stays the fast one.
+torch writes it (`torch.jit.save` has no version option, and the version record is not
+rewritten): the check below proves the stamp is one 1.11 reads. It loses the fused attention kernels, so the default export stays the fast one.
 
 fp16 weights: 1.11 has no CPU kernels for half layer norm, softmax, erf or conv, so the compat
-model keeps fp16 weights in the file but computes in fp32 on CPU and in fp16 on CUDA.
+model keeps fp16 weights in the file but computes in fp32 on CPU and in fp16 on CUDA (the CUDA
+path is untested against 1.11 here: no GPU build of 1.11 runs on this kit's machines).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class CompatPreprocess(Preprocess):
-    """`Preprocess` itself with only the resize routed to the op `F.interpolate` would call.
+    """`Preprocess` itself with only the interpolation routed to the op `F.interpolate` would call.
 
     Built from a copy of the very module (`from_preprocess`), so its crop arithmetic, dtype
     handling and normalisation stay `Preprocess`'s own code and its own config attributes.
@@ -63,25 +64,18 @@ class CompatPreprocess(Preprocess):
             raise ValueError(f"export_compat: preprocess interpolation {source.mode!r} has no "
                              "torch 1.11 path (bicubic and bilinear do)")
         compat = copy.deepcopy(source)
-        compat.__class__ = cls  # adds no state: only `_resize` differs
+        compat.__class__ = cls  # adds no state: only `_interpolate` differs
         return compat
 
-    def _resize(self, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-        if x.shape[-2] == out_h and x.shape[-1] == out_w:
-            return x
-        size = [out_h, out_w]
+    def _interpolate(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
         # Exactly what F.interpolate(size=..., align_corners=False) dispatches to in torch 2.x.
         if self.mode == "bicubic":
             if self.antialias:
-                x = torch._C._nn._upsample_bicubic2d_aa(x, size, False, None)
-            else:
-                x = torch._C._nn.upsample_bicubic2d(x, size, False, None)
-        else:
-            if self.antialias:
-                x = torch._C._nn._upsample_bilinear2d_aa(x, size, False, None)
-            else:
-                x = torch._C._nn.upsample_bilinear2d(x, size, False, None)
-        return x.clamp(0.0, 255.0)
+                return torch._C._nn._upsample_bicubic2d_aa(x, size, False, None)
+            return torch._C._nn.upsample_bicubic2d(x, size, False, None)
+        if self.antialias:
+            return torch._C._nn._upsample_bilinear2d_aa(x, size, False, None)
+        return torch._C._nn.upsample_bilinear2d(x, size, False, None)
 
 
 class CompatLayerNorm(nn.Module):

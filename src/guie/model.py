@@ -63,13 +63,87 @@ class MultiDropoutHead(nn.Module):
         return folded
 
 
+class MultiSampleDropoutHead(nn.Module):
+    """One Linear under K dropout masks (4th place). Training returns the K outputs stacked
+    [K*B, D] so the loss averages over the masks (`TrainStep` repeats the labels); at inference
+    the masks are the identity and it is the plain Linear."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, num_samples: int, dropout: float):
+        super().__init__()
+        self.num_samples = num_samples
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(feature_dim, embed_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.linear(features)
+        return torch.cat([self.linear(self.dropout(features)) for _ in range(self.num_samples)])
+
+    def fold(self) -> nn.Linear:
+        return self.linear
+
+
+class BatchNormLinearHead(nn.Module):
+    """BatchNorm1d + Linear (5th place). In eval the norm is an affine map: it folds in."""
+
+    def __init__(self, feature_dim: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(feature_dim)
+        self.linear = nn.Linear(feature_dim, embed_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))
+
+    def fold(self) -> nn.Linear:
+        scale = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        shift = self.norm.bias - self.norm.running_mean * scale
+        folded = nn.Linear(self.linear.in_features, self.linear.out_features)
+        folded.to(self.linear.weight.device)
+        with torch.no_grad():
+            folded.weight.copy_(self.linear.weight * scale)
+            folded.bias.copy_(self.linear.bias + self.linear.weight @ shift)
+        return folded
+
+
+class IdentityHead(nn.Module):
+    """The backbone feature as the embedding: the no-training recipe reduces it at export.
+
+    A frozen dummy parameter keeps the head's dtype and device readable like any other head's.
+    """
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def fold(self) -> nn.Linear:
+        folded = nn.Linear(self.feature_dim, self.feature_dim).to(self.anchor.device)
+        with torch.no_grad():
+            folded.weight.copy_(torch.eye(self.feature_dim))
+            folded.bias.zero_()
+        return folded
+
+
 def build_head(cfg: ModelConfig, feature_dim: int) -> nn.Module:
     if cfg.head == "linear":
         return LinearHead(feature_dim, cfg.embed_dim, cfg.dropout)
     if cfg.head == "multi_dropout":
         return MultiDropoutHead(feature_dim, cfg.embed_dim, cfg.num_branches,
                                 cfg.dropout_min, cfg.dropout)
+    if cfg.head == "multisample_dropout":
+        return MultiSampleDropoutHead(feature_dim, cfg.embed_dim, cfg.num_branches, cfg.dropout)
+    if cfg.head == "bn_linear":
+        return BatchNormLinearHead(feature_dim, cfg.embed_dim)
+    if cfg.head == "identity":
+        return IdentityHead(feature_dim)
     raise ValueError(f"model.head: unknown head {cfg.head!r}")
+
+
+def head_output_dim(cfg: ModelConfig, feature_dim: int) -> int:
+    return feature_dim if cfg.head == "identity" else cfg.embed_dim
 
 
 class EmbeddingModel(nn.Module):
@@ -153,3 +227,34 @@ def build_model(cfg: ExperimentConfig) -> tuple[EmbeddingModel, Preprocess]:
 
 def backbone_blocks(model: EmbeddingModel) -> list[nn.Module]:
     return list(model.visual.transformer.resblocks)
+
+
+def set_resolution(model: EmbeddingModel, preprocess: Preprocess, image_size_px: int,
+                   patch_stride_px: int) -> None:
+    """Feed the backbone `image_size_px` images with patches taken every `patch_stride_px`
+    (< patch size: overlapping patches, 1st place), interpolating the position embeddings to
+    the new token grid. Idempotent; 0 keeps the current value."""
+    visual = model.visual
+    conv = visual.conv1
+    size = image_size_px or preprocess.image_size
+    stride = patch_stride_px or int(conv.stride[0])
+    patch = int(conv.kernel_size[0])
+    if size < patch:
+        raise ValueError(f"image_size_px={size} is smaller than the {patch} px patch")
+    grid = (size - patch) // stride + 1
+    old = visual.positional_embedding
+    old_grid = int(round((old.shape[0] - 1) ** 0.5))
+    preprocess.image_size = size
+    conv.stride = (stride, stride)
+    if grid == old_grid:
+        return
+    cls_pos, patch_pos = old[:1], old[1:]
+    patch_pos = patch_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid, grid), mode="bicubic",
+                                  align_corners=False).to(old.dtype)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    visual.positional_embedding = nn.Parameter(torch.cat([cls_pos.detach(), patch_pos]),
+                                               requires_grad=old.requires_grad)
+    visual.grid_size = (grid, grid)
+    visual.image_size = (size, size)

@@ -19,9 +19,14 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from guie.pipeline import run_local
+    if args.in_process:
+        from guie.pipeline import run_local
 
-    report = run_local(_config(args), args.out, resume=args.resume, compat=args.compat)
+        report = run_local(_config(args), args.out, resume=args.resume, compat=args.compat)
+    else:
+        from guie.kaggle.local_run import run_local_notebooks
+
+        report = run_local_notebooks(args.config, args.overrides, args.out, compat=args.compat)
     keys = [k for k in report if k.startswith("map5_") and not k.endswith("per_domain")]
     print(json.dumps({k: round(report[k], 4) for k in keys}, indent=2))
     print(f"report: {args.out}/report.json  submission: {report.get('submission_zip', '-')}")
@@ -47,7 +52,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("local", help="run data -> stages -> export -> mP@5 on this machine")
     _add_config_args(p, "tiny")
     p.add_argument("--out", default="build/local")
-    p.add_argument("--resume", action="store_true", help="continue the stages found in --out")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the pipeline in this process instead of executing the Kaggle "
+                        "notebooks with papermill")
+    p.add_argument("--resume", action="store_true",
+                   help="with --in-process: continue the stages found in --out (the notebooks "
+                        "always resume)")
     p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
     p.set_defaults(func=cmd_local)
 

@@ -44,7 +44,10 @@ class Preprocess(nn.Module):
     def _resize(self, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
         if x.shape[-2] == out_h and x.shape[-1] == out_w:
             return x
-        # Antialias only helps when shrinking; bicubic overshoots, so clamp back to 0..255.
-        x = F.interpolate(x, size=[out_h, out_w], mode=self.mode, align_corners=False,
-                          antialias=self.antialias)
-        return x.clamp(0.0, 255.0)
+        # Bicubic overshoots, so clamp back to 0..255.
+        return self._interpolate(x, [out_h, out_w]).clamp(0.0, 255.0)
+
+    def _interpolate(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
+        # Antialias only matters when shrinking, which is the usual case (photos -> 224).
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=False,
+                             antialias=self.antialias)
