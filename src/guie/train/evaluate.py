@@ -22,6 +22,10 @@ class Evaluator:
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         self._frozen_features = None
 
+    def forget_features(self) -> None:
+        """Drop the cached frozen-backbone features (the backbone or its input size changed)."""
+        self._frozen_features = None
+
     def backbone_features(self, visual: nn.Module):
         q, q_ok = compute_features(visual, self.query, self.transform, self.batch_size,
                                    self.num_workers, self.device, "eval queries")

@@ -1,7 +1,7 @@
 """One training stage, readable in one sitting.
 
-A stage trains the head and the ArcFace centres, and the backbone too when `train_backbone`.
-Frozen-backbone stages train from the on-disk feature cache. The loop runs micro-batches in a
+A stage trains the parameter groups its `train` names (head, class centres, backbone blocks) at
+its own input resolution. Frozen-backbone stages train from the on-disk feature cache. The loop runs micro-batches in a
 deterministic order (`order.BatchOrder`), steps the optimizer every `grad_accum` of them, and
 writes atomic checkpoints that hold model, optimizer, scaler, RNG and history, so `resume` ends
 exactly where an uninterrupted run would.
@@ -24,13 +24,14 @@ from guie.config import ExperimentConfig, StageConfig, save_config, to_dict
 from guie.data.augment import EvalTransform, TrainTransform
 from guie.data.dataset import ImageDataset, collate_skip_bad
 from guie.data.preprocess import Preprocess
-from guie.losses import ArcFace
-from guie.model import EmbeddingModel
+from guie.losses import ArcFace, margin_at
+from guie.model import EmbeddingModel, backbone_blocks, set_resolution
 from guie.train import dist
+from guie.train.averaging import EMA
 from guie.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from guie.train.evaluate import Evaluator
 from guie.train.features import build_feature_cache, cache_key
-from guie.train.optim import lr_multiplier, param_groups
+from guie.train.optim import lr_multiplier, param_groups, trainable
 from guie.train.order import BatchOrder, BatchSampler, SeededDataset
 
 
@@ -54,6 +55,8 @@ class TrainStep(nn.Module):
             embeddings = self.model.embed_features(inputs)
         else:
             embeddings = self.model(inputs)
+        # A multisample-dropout head returns K stacked outputs per input: one loss over all K.
+        labels = labels.repeat(embeddings.shape[0] // labels.shape[0])
         return self.loss_fn(embeddings, labels, margin_rad)
 
 
@@ -66,11 +69,21 @@ def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype | N
     return True, torch.float16
 
 
+def trains_backbone(model: EmbeddingModel, stage: StageConfig) -> bool:
+    return trainable(stage, len(backbone_blocks(model))).backbone
+
+
 def stage_state(model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig) -> dict:
     state = {"head": model.head.state_dict(), "loss": loss_fn.state_dict()}
-    if stage.train_backbone:
+    if trains_backbone(model, stage):
         state["visual"] = model.visual.state_dict()
     return state
+
+
+def apply_stage_resolution(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Preprocess,
+                           stage: StageConfig) -> None:
+    set_resolution(model, preprocess, stage.image_size_px or cfg.preprocess.image_size,
+                   stage.patch_stride_px or int(model.visual.conv1.kernel_size[0]))
 
 
 def load_stage_state(model: EmbeddingModel, loss_fn: ArcFace | None, state: dict) -> None:
@@ -89,17 +102,22 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, stage_dir / "config.json")
     final_path, last_path = stage_dir / "final.pt", stage_dir / "last.pt"
+    apply_stage_resolution(cfg, model, preprocess, stage)
+    if evaluator is not None:
+        evaluator.forget_features()  # the backbone or its input size may differ from last stage's
     if resume and final_path.exists():
         done = load_checkpoint(final_path)
         load_stage_state(model, loss_fn, done["model"])
         return StageOutcome("done", final_path, done["metrics"], done["history"])
 
-    from_cache = not stage.train_backbone and stage.use_feature_cache
-    margin = cfg.loss.margin_rad if stage.margin_rad is None else stage.margin_rad
+    backbone_trains = trains_backbone(model, stage)
+    from_cache = not backbone_trains and stage.use_feature_cache
     model.to(device)
     loss_fn.to(device)
     groups = param_groups(model, loss_fn, stage)
     optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+    ema = EMA([p for g in groups for p in g["params"]], stage.ema_decay) \
+        if stage.ema_decay else None
     use_scaler, amp_dtype = amp_settings(stage.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -108,7 +126,10 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         cache = build_feature_cache(
             model.visual, train_df, _cache_transforms(stage, preprocess),
             cache_key({"backbone": cfg.model, "preprocess": cfg.preprocess, "views":
-                       stage.cache_views, "augment": stage.augment, "seed": cfg.seed}, train_df),
+                       stage.cache_views, "augment": stage.augment, "seed": cfg.seed,
+                       "resolution": (stage.image_size_px, stage.patch_stride_px),
+                       "backbone_trained_by": _earlier_backbone_stages(cfg, stage, model)},
+                      train_df),
             cache_dir or Path(out_dir) / "feature-cache", stage.batch_size,
             cfg.data.num_workers, device)
         rows = np.flatnonzero(cache.valid)
@@ -135,6 +156,8 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start, history = ckpt["next_batch"], ckpt["history"]
     else:
         # The stage's randomness (dropout) must not depend on what ran before it, e.g. whether
@@ -146,9 +169,15 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device] if device.type == "cuda" else None)
-    model.train()
-    if not stage.train_backbone:
-        model.visual.eval()
+    def train_mode() -> None:
+        # Frozen parts stay in eval: no BatchNorm statistics drift, no dropout on them.
+        model.train()
+        if not backbone_trains:
+            model.visual.eval()
+        if not any(g["name"] == "head" for g in groups):
+            model.head.eval()
+
+    train_mode()
 
     def save(path: Path, next_batch: int, metrics: dict | None = None) -> None:
         if dist.is_main():
@@ -156,7 +185,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
                      "history": history, "metrics": metrics or {}, "config": to_dict(cfg)}
             if path != final_path:  # a finished stage needs no optimizer (ViT-H AdamW: 5 GB)
                 state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             rng=rng_state())
+                             rng=rng_state(), ema=ema.state_dict() if ema else None)
             save_checkpoint(state, path)
             pd.DataFrame(history).to_csv(stage_dir / "history.csv", index=False)
 
@@ -170,6 +199,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         if len(labels) == 0:
             continue  # every image of the batch was corrupt (already counted and warned)
         step = b // stage.grad_accum
+        margin = margin_at(stage, cfg.loss, b / batches_per_epoch)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin)
         scaler.scale(loss / stage.grad_accum).backward()
@@ -180,14 +210,15 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+        first = optimizer.param_groups[0]
         row = {"stage": stage.name, "batch": b + 1, "epoch": (b + 1) / batches_per_epoch,
-               "loss": loss.item(), "lr_head": optimizer.param_groups[0]["lr"]}
+               "loss": loss.item(), f"lr_{first['name']}": first["lr"], "margin_rad": margin}
         if evaluator is not None and (b + 1) % eval_every == 0 and b + 1 < total_batches \
                 and dist.is_main():
-            row["map5"] = evaluator.evaluate(model, backbone_frozen=not stage.train_backbone)["map5"]
-            model.train()
-            if not stage.train_backbone:
-                model.visual.eval()
+            row["map5"] = evaluator.evaluate(model, backbone_frozen=not backbone_trains)["map5"]
+            train_mode()
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", **({"mP@5": f"{row['map5']:.3f}"}
                                                        if "map5" in row else {}))
@@ -200,15 +231,26 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
             bar.close()
             return StageOutcome("paused", last_path, {}, history)
     bar.close()
+    if ema is not None:
+        ema.swap_in()
     metrics = {}
     if evaluator is not None and dist.is_main():
-        metrics = evaluator.evaluate(model, backbone_frozen=not stage.train_backbone)
+        metrics = evaluator.evaluate(model, backbone_frozen=not backbone_trains)
         history.append({"stage": stage.name, "batch": total_batches,
                         "epoch": total_batches / batches_per_epoch, "map5": metrics["map5"]})
     save(final_path, total_batches, metrics)
     if from_cache:
         dist.barrier()
     return StageOutcome("done", final_path, metrics, history)
+
+
+def _earlier_backbone_stages(cfg: ExperimentConfig, stage: StageConfig,
+                             model: EmbeddingModel) -> list[dict]:
+    """The stages before this one that changed the backbone: a cache built from the backbone
+    before 1st place's backbone-only stage must not serve the head-only stage after it."""
+    names = [s.name for s in cfg.stages]
+    earlier = cfg.stages[:names.index(stage.name)] if stage.name in names else ()
+    return [to_dict(s) for s in earlier if s.enabled and trains_backbone(model, s)]
 
 
 def _cache_transforms(stage: StageConfig, preprocess: Preprocess) -> list:
