@@ -6,6 +6,11 @@ against its kagglesdk request type (`from_json` silently drops unknown keys, so 
 ours), then parsed with `from_dict`; a malformed call gets a 400. The server keeps what arrived
 (metadata, uploaded bytes, notebook sources) for the tests to assert on, and injects faults.
 
+Dataset downloads follow Kaggle's shape: `DownloadDataset` answers a 302 to a storage URL (here
+`GET /files/...`) that serves the bytes with `Accept-Ranges: bytes`, an ETag, Last-Modified and
+an `x-goog-hash` (crc32c, md5), and honours `Range`/`If-Range`, so the client can resume. Every
+GET of a file is logged in `downloads` with the byte range actually sent.
+
 Point the client at it in-process by replacing the PROD entry of
 `kagglesdk.kaggle_env._env_to_endpoint` with `server.url`, or from a subprocess with
 KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=server.url (NO_PROXY cleared).
@@ -13,16 +18,21 @@ KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=server.url (NO_PROXY cleared).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import re
 import threading
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
+
+import google_crc32c
 
 from kagglesdk.blobs.types import blob_api_service as blobs
 from kagglesdk.competitions.types import competition_api_service as comps
@@ -69,6 +79,22 @@ class Dataset:
     is_private: bool
     versions: list[dict[str, bytes]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)  # answered in turn; the last one sticks
+    zip_files: bool = False  # serve each single-file download as <name>.zip, as Kaggle may
+    created: list[datetime] = field(default_factory=list)  # per version, for Last-Modified
+
+
+@dataclass
+class DownloadBreak:
+    """The next `times` GETs of a file whose name ends with `name` drop the connection once
+    they have sent the bytes before absolute offset `at_byte`."""
+
+    name: str
+    at_byte: int
+    times: int = 1
+
+
+class Redirect(str):
+    """A handler's answer that becomes a 302 to this URL."""
 
 
 @dataclass
@@ -137,12 +163,18 @@ class FakeKaggle:
         self.reject_submission: str | None = None  # CreateCodeSubmission answers 400 with this
         self.daily_cap = 5
         self.limits_endpoint = True  # False: GetSubmissionLimits answers 404
+        self.downloads: list[dict] = []  # every file GET: path, range, status, start, sent
+        self.download_breaks: list[DownloadBreak] = []
+        self.corrupt_transfer: set[str] = set()  # file names served with one byte flipped
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._handlers: dict[str, tuple[type, Callable[[Any, dict], dict | bytes]]] = {
             "datasets.DatasetApiService/GetDatasetStatus": (ds.ApiGetDatasetStatusRequest, self._dataset_status),
             "datasets.DatasetApiService/CreateDataset": (ds.ApiCreateDatasetRequest, self._create_dataset),
             "datasets.DatasetApiService/CreateDatasetVersion": (ds.ApiCreateDatasetVersionRequest, self._create_version),
+            "datasets.DatasetApiService/GetDataset": (ds.ApiGetDatasetRequest, self._get_dataset),
+            "datasets.DatasetApiService/ListDatasetFiles": (ds.ApiListDatasetFilesRequest, self._list_dataset_files),
+            "datasets.DatasetApiService/DownloadDataset": (ds.ApiDownloadDatasetRequest, self._download_dataset),
             "blobs.BlobApiService/StartBlobUpload": (blobs.ApiStartBlobUploadRequest, self._start_blob),
             "kernels.KernelsApiService/SaveKernel": (kernels.ApiSaveKernelRequest, self._save_kernel),
             "kernels.KernelsApiService/GetKernelSessionStatus": (kernels.ApiGetKernelSessionStatusRequest, self._kernel_status),
@@ -196,6 +228,23 @@ class FakeKaggle:
             "description": description, "status": status, "publicScore": public,
             "privateScore": private, "fileName": "submission.zip", "teamName": self.username})
 
+    def add_dataset(self, ref: str, files: dict[str, bytes], title: str = "A test dataset",
+                    zip_files: bool = False, is_private: bool = False) -> Dataset:
+        """Publish `files` (path -> bytes) as the next version of dataset `ref`."""
+        dataset = self.datasets.get(ref)
+        if dataset is None:
+            dataset = self.datasets[ref] = Dataset(ref, title, "CC0-1.0", is_private,
+                                                   statuses=["READY"])
+        dataset.zip_files = zip_files
+        dataset.versions.append(dict(files))
+        dataset.created.append(datetime(2022, 8, 1, tzinfo=timezone.utc)
+                               + timedelta(days=len(dataset.versions)))
+        return dataset
+
+    def download_requests(self, name: str) -> list[dict]:
+        """The logged GETs of files whose name ends with `name`."""
+        return [d for d in self.downloads if d["path"].endswith("/" + name)]
+
     def received_files(self) -> dict[str, bytes]:
         """Every completed upload by file name, zip members expanded as name/member."""
         out: dict[str, bytes] = {}
@@ -236,6 +285,8 @@ class FakeKaggle:
                 payload = json.dumps(e.body if e.body is not None else
                                      {"code": e.status, "message": e.message}).encode()
                 return e.status, {"Content-Type": "application/json", **e.headers}, payload
+        if isinstance(result, Redirect):
+            return 302, {"Location": str(result)}, b""
         if isinstance(result, bytes):
             return 200, {"Content-Type": "application/zip"}, result
         return 200, {"Content-Type": "application/json"}, json.dumps(result).encode()
@@ -313,6 +364,71 @@ class FakeKaggle:
         dataset.versions.append(self._files(req.body.files, "CreateDatasetVersion"))
         dataset.statuses = self._new_statuses()
         return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "Ok"}
+
+    def _readable_dataset(self, owner: str, slug: str) -> Dataset:
+        dataset = self.datasets.get(f"{owner}/{slug}")
+        if dataset is None or (dataset.is_private and owner != self.username) or not dataset.versions:
+            raise ApiError(404, f"Dataset {owner}/{slug} not found")
+        return dataset
+
+    def _version(self, dataset: Dataset, number: int | None) -> int:
+        if number is None:
+            return len(dataset.versions)
+        if not 1 <= number <= len(dataset.versions):
+            raise ApiError(404, f"Dataset {dataset.ref} has no version {number}")
+        return number
+
+    def _get_dataset(self, req: Any, raw: dict) -> dict:
+        dataset = self._readable_dataset(req.owner_slug, req.dataset_slug)
+        files = dataset.versions[-1]
+        return {"ref": dataset.ref, "title": dataset.title, "licenseName": dataset.license_name,
+                "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions),
+                "totalBytes": sum(len(b) for b in files.values()),
+                "lastUpdated": _iso(dataset.created[-1]),
+                "url": f"https://www.kaggle.com/datasets/{dataset.ref}"}
+
+    def _list_dataset_files(self, req: Any, raw: dict) -> dict:
+        dataset = self._readable_dataset(req.owner_slug, req.dataset_slug)
+        version = self._version(dataset, req.dataset_version_number)
+        names = sorted(dataset.versions[version - 1])
+        start, size = int(req.page_token or 0), req.page_size or 20
+        page = [{"ref": name, "name": name, "datasetRef": dataset.ref,
+                 "totalBytes": len(dataset.versions[version - 1][name]),
+                 "creationDate": _iso(dataset.created[version - 1])}
+                for name in names[start:start + size]]
+        more = start + size < len(names)
+        return {"datasetFiles": page, **({"nextPageToken": str(start + size)} if more else {})}
+
+    def _download_dataset(self, req: Any, raw: dict) -> Redirect:
+        dataset = self._readable_dataset(req.owner_slug, req.dataset_slug)
+        version = self._version(dataset, req.dataset_version_number)
+        base = f"{self.url}/files/{dataset.ref}/{version}"
+        if not req.file_name:
+            return Redirect(f"{base}/archive/{quote(req.dataset_slug)}.zip")
+        if req.file_name not in dataset.versions[version - 1]:
+            raise ApiError(404, f"Dataset {dataset.ref} has no file {req.file_name!r}")
+        if dataset.zip_files:
+            return Redirect(f"{base}/zipped/{quote(req.file_name)}.zip")
+        return Redirect(f"{base}/file/{quote(req.file_name)}")
+
+    def file_object(self, path: str) -> tuple[bytes, datetime] | None:
+        """What GET /files/{owner}/{slug}/{version}/{file|zipped|archive}/{name} serves."""
+        match = re.fullmatch(r"/files/([^/]+/[^/]+)/(\d+)/(file|zipped|archive)/(.+)", path)
+        dataset = self.datasets.get(match.group(1)) if match else None
+        if dataset is None or not 1 <= int(match.group(2)) <= len(dataset.versions):
+            return None
+        version, kind, name = int(match.group(2)), match.group(3), match.group(4)
+        files, created = dataset.versions[version - 1], dataset.created[version - 1]
+        if kind == "file":
+            return (files[name], created) if name in files else None
+        members = files if kind == "archive" else {name[:-4]: files.get(name[:-4])}
+        if None in members.values():
+            return None
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            for member, data in sorted(members.items()):  # fixed dates: the same bytes each time
+                z.writestr(zipfile.ZipInfo(member, (2022, 8, 1, 0, 0, 0)), data)
+        return buffer.getvalue(), created
 
     def _start_blob(self, req: Any, raw: dict) -> dict:
         if req.type.name != "DATASET" or not req.name or req.content_length <= 0:
@@ -462,6 +578,8 @@ def _make_handler(fake: FakeKaggle) -> type:
                 if faults:
                     faults[0].times -= 1
                     return self._send(faults[0].status, faults[0].headers)
+            if path.startswith("/files/"):
+                return self._serve_file(path)
             if path.startswith("/output/"):
                 owner, slug, name = path[len("/output/"):].split("/", 2)
                 kernel = fake.kernels.get(f"{owner}/{slug}")
@@ -469,5 +587,54 @@ def _make_handler(fake: FakeKaggle) -> type:
                     return self._send(200, {"Content-Type": "application/octet-stream"},
                                       kernel.outputs[name])
             self._send(404, {})
+
+        def _serve_file(self, path: str) -> None:
+            found = fake.file_object(path)
+            if found is None:
+                return self._send(404, {})
+            data, created = found
+            crc = google_crc32c.value(data).to_bytes(4, "big")
+            etag = f'"{hashlib.md5(data).hexdigest()}"'
+            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                       "ETag": etag, "Last-Modified": format_datetime(created, usegmt=True),
+                       "x-goog-hash": f"crc32c={base64.b64encode(crc).decode()},"
+                                      f"md5={base64.b64encode(hashlib.md5(data).digest()).decode()}"}
+            if path.rsplit("/", 1)[-1] in fake.corrupt_transfer:
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])
+            status, start, requested = 200, 0, self.headers.get("Range")
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", requested or "")
+            if_range = self.headers.get("If-Range")
+            if match and (if_range is None or if_range == etag):
+                start = int(match.group(1))
+                end = int(match.group(2)) + 1 if match.group(2) else len(data)
+                if start >= len(data):
+                    fake.downloads.append({"path": path, "range": requested, "status": 416,
+                                           "start": start, "sent": 0})
+                    return self._send(416, {"Content-Range": f"bytes */{len(data)}"})
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+                status, data = 206, data[start:end]
+            with fake._lock:
+                brk = next((b for b in fake.download_breaks if b.times > 0
+                            and path.endswith("/" + b.name)
+                            and start < b.at_byte < start + len(data)), None)
+                if brk is not None:
+                    brk.times -= 1
+            body = data if brk is None else data[:brk.at_byte - start]
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+                sent = len(body)
+            except OSError:  # the client went away
+                sent = 0
+            fake.downloads.append({"path": path, "range": requested, "status": status,
+                                   "start": start, "sent": sent})
+            if brk is not None:  # a broken connection: fewer bytes than Content-Length said
+                self.close_connection = True
+                self.connection.shutdown(2)
 
     return Handler
