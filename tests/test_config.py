@@ -1,6 +1,9 @@
+import json
+from dataclasses import replace
+
 import pytest
 
-from guie.config import ExperimentConfig, apply_overrides, load_config, save_config
+from guie.config import ExperimentConfig, apply_overrides, load_config, save_config, to_dict
 from guie.configs import get_config, list_configs
 
 
@@ -33,3 +36,25 @@ def test_shipped_configs_round_trip(name, tmp_path):
 def test_unknown_config_name():
     with pytest.raises(ValueError, match="shipped"):
         get_config("nope")
+
+
+def test_stages_are_addressed_by_name():
+    cfg = apply_overrides(get_config("smoke"), ["stage2.train=[\"head\", \"blocks:0-1\"]",
+                                                "stage1.image_size_px=80"])
+    assert cfg.stage2.train == ("head", "blocks:0-1") and cfg.stage("stage1").image_size_px == 80
+    with pytest.raises(AttributeError, match="no field or stage 'stage9'"):
+        cfg.stage9
+    with pytest.raises(ValueError, match="must be unique"):
+        replace(cfg, stages=(cfg.stage1, cfg.stage1))
+
+
+def test_configs_saved_before_stage_schedules_still_load(tmp_path):
+    old = to_dict(ExperimentConfig())
+    stage1, stage2 = old.pop("stages")
+    for stage, trains in ((stage1, False), (stage2, True)):
+        del stage["train"]
+        stage["train_backbone"] = trains
+    old["stage1"], old["stage2"] = stage1, stage2
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cfg = load_config(tmp_path / "old.json")
+    assert [s.train for s in cfg.stages] == [("head", "centres"), ("all",)]

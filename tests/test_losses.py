@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from guie.losses import ArcFace
+from guie.config import LossConfig, StageConfig
+from guie.losses import ArcFace, CosFace, class_margins_from_counts, margin_at
 
 
 def naive_arcface(emb, weight, labels, num_classes, k, s, m):
@@ -58,3 +60,28 @@ def test_stable_and_monotonic_near_pi():
     emb = torch.stack([torch.cos(thetas), torch.sin(thetas), 0 * thetas, 0 * thetas], 1)
     target = loss_fn.logits(emb, torch.zeros(50, dtype=torch.long))[:, 0]
     assert (target[1:] <= target[:-1] + 1e-6).all()
+
+
+def test_cosface_subtracts_the_margin_from_the_target_cosine():
+    torch.manual_seed(2)
+    loss_fn = CosFace(8, 5, scale=30.0, margin_rad=0.4)
+    emb, labels = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    cos = loss_fn.cosine(emb)
+    want = cos.scatter(1, labels.view(-1, 1), cos.gather(1, labels.view(-1, 1)) - 0.4) * 30.0
+    assert torch.allclose(loss_fn.logits(emb, labels), want, atol=1e-5)
+
+
+def test_class_margins_from_counts_favour_rare_classes_and_override_the_scalar():
+    margins = class_margins_from_counts(np.array([1, 16, 256]), 0.2, 0.5)
+    assert margins.tolist() == pytest.approx([0.5, 0.2 + 0.3 * (0.5 - 0.25) / 0.75, 0.2])
+    loss_fn = ArcFace(8, 3)
+    loss_fn.set_class_margins(margins)
+    emb, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    assert torch.allclose(loss_fn(emb, labels, 0.9), loss_fn(emb, labels, margins[labels]))
+
+
+def test_margin_grows_per_epoch_up_to_the_cap():
+    stage = StageConfig(margin_rad=0.3, margin_step_rad_per_epoch=0.1, margin_max_rad=0.8)
+    got = [margin_at(stage, LossConfig(), e) for e in (0.0, 0.99, 1.0, 2.5, 5.0, 9.0)]
+    assert got == pytest.approx([0.3, 0.3, 0.4, 0.5, 0.8, 0.8])
+    assert margin_at(StageConfig(), LossConfig(margin_rad=0.35), 7.0) == 0.35

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig
-from guie.model import build_model, load_visual_weights
+from guie.model import build_model, load_visual_weights, set_resolution
 
 TINY = ExperimentConfig(model=ModelConfig(backbone="guie-tiny-vit"),
                         preprocess=PreprocessConfig(image_size=64))
@@ -53,3 +53,28 @@ def test_local_weights_load_and_mismatch_names_the_file(tmp_path):
         load_visual_weights(build_model(TINY)[0].visual, str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_visual_weights(model.visual, str(tmp_path / "missing.pt"))
+
+
+def test_higher_resolution_with_overlapping_patches():
+    model, preprocess = build_model(TINY)
+    model.eval()
+    set_resolution(model, preprocess, 80, 6)  # (80 - 8) // 6 + 1 = 13 patches a side
+    assert model.visual.positional_embedding.shape[0] == 13 * 13 + 1
+    x = preprocess(torch.randint(0, 256, (2, 3, 50, 90), dtype=torch.uint8))
+    assert x.shape[-1] == 80 and model(x).shape == (2, 64)
+    before = model.visual.positional_embedding.clone()
+    set_resolution(model, preprocess, 80, 6)  # idempotent
+    assert torch.equal(before, model.visual.positional_embedding)
+
+
+@pytest.mark.parametrize("head", ["bn_linear", "multisample_dropout", "identity"])
+def test_heads_fold_to_one_linear_in_eval(head):
+    model, _ = build_model(replace(TINY, model=replace(TINY.model, head=head, num_branches=3)))
+    feats = torch.randn(5, model.feature_dim)
+    model.train()
+    if head == "bn_linear":
+        model.head(feats * 3 + 1)  # move the running statistics off their defaults
+    if head == "multisample_dropout":  # K masks stacked for the loss
+        assert model.head(feats).shape == (3 * 5, 64)
+    model.eval()
+    assert torch.allclose(model.head(feats), model.head.fold()(feats), atol=1e-5)

@@ -23,3 +23,27 @@ def test_local_smoke_end_to_end(tmp_path, monkeypatch):
     assert (out / "curves.csv").exists() and (out / "curves.png").stat().st_size > 10_000
     with zipfile.ZipFile(out / "submission.zip") as zf:
         assert zf.namelist() == ["saved_model.pt"]
+
+
+def _untrained(**export):
+    """The no-training path on the tiny backbone: 128-d features, reduced at export."""
+    from dataclasses import replace
+
+    from guie.config import ExperimentConfig, ExportConfig, ModelConfig, PreprocessConfig
+
+    return ExperimentConfig(stages=(), preprocess=PreprocessConfig(image_size=64),
+                            model=ModelConfig(backbone="guie-tiny-vit", head="identity",
+                                              use_projection=False),
+                            export=replace(ExportConfig(), **export))
+
+
+def test_export_refuses_what_the_competition_or_the_compat_export_cannot_take(tmp_path):
+    from guie.pipeline import export_submission
+
+    with pytest.raises(ValueError, match="128-d but the competition takes 64"):
+        export_submission(_untrained(), str(tmp_path), str(tmp_path))
+    with pytest.raises(ValueError, match=r"export.tta=\['flip'\]: the torch1.11 export"):
+        export_submission(_untrained(reduction="avg_pool", tta=("flip",)), str(tmp_path),
+                          str(tmp_path), compat="torch1.11")
+    zip_path = export_submission(_untrained(reduction="avg_pool"), str(tmp_path), str(tmp_path))
+    assert zip_path.name == "submission.zip"

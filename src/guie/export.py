@@ -4,6 +4,9 @@ The host loads `saved_model.pt` from the zip root and calls it on one RGB image 
 [1, 3, H, W] in 0..255 at its original size (most likely uint8). So everything the eager
 pipeline does before the backbone (resize, /255, mean/std) lives inside `forward`, through the
 very `Preprocess` module used for validation. Output: float32 [B, 64], L2-normalised.
+
+The head and any reduction to 64 (`guie.reduction`) are folded into one Linear. Test-time views
+(flip, aspect-ratio crops) run inside `forward` and are averaged before the L2 norm.
 """
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ from torch import nn
 
 from guie.data.preprocess import Preprocess
 from guie.model import EmbeddingModel
+from guie.reduction import fold_into_linear
+
+TTA_VIEWS = ("flip", "aspect_crops")
+# aspect_crops: images at least this elongated also get their two square ends as views.
+ASPECT_CROP_MIN_RATIO = 1.5
 
 # Shapes the contract must survive: the host's odd sizes, extreme aspect ratios, tiny images.
 CONTRACT_SHAPES = ((1, 3, 300, 1200), (1, 3, 512, 512), (1, 3, 1200, 300), (1, 3, 7, 5),
@@ -26,27 +34,56 @@ CONTRACT_SHAPES = ((1, 3, 300, 1200), (1, 3, 512, 512), (1, 3, 1200, 300), (1, 3
 class SubmissionModel(nn.Module):
     """images [B, 3, H, W] uint8/float 0..255 -> float32 [B, embed_dim], unit norm."""
 
-    def __init__(self, preprocess: Preprocess, visual: nn.Module, linear: nn.Linear):
+    def __init__(self, preprocess: Preprocess, visual: nn.Module, linear: nn.Linear,
+                 tta: tuple[str, ...] = ()):
         super().__init__()
+        unknown = sorted(set(tta) - set(TTA_VIEWS))
+        if unknown:
+            raise ValueError(f"export.tta: unknown views {unknown} (known: {', '.join(TTA_VIEWS)})")
         self.preprocess = preprocess
         self.visual = visual
         self.linear = linear
+        self.flip: bool = "flip" in tta
+        self.aspect_crops: bool = "aspect_crops" in tta
+        self.aspect_crop_min_ratio: float = ASPECT_CROP_MIN_RATIO
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         x = x.to(self.linear.weight.dtype)
-        embeddings = self.linear(self.visual(x))
-        return F.normalize(embeddings.float(), dim=-1)
+        return self.linear(self.visual(x)).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = self.embed(images)
+        views = 1
+        if self.flip:
+            total = total + self.embed(images.flip(-1))
+            views += 1
+        if self.aspect_crops:
+            h, w = images.shape[-2], images.shape[-1]
+            short = min(h, w)
+            if max(h, w) >= self.aspect_crop_min_ratio * short:
+                if w > h:
+                    ends = (images[:, :, :, :short], images[:, :, :, w - short:])
+                else:
+                    ends = (images[:, :, :short, :], images[:, :, h - short:, :])
+                total = total + self.embed(ends[0]) + self.embed(ends[1])
+                views += 2
+        return F.normalize(total / views, dim=-1)
 
 
 def build_submission_model(model: EmbeddingModel, preprocess: Preprocess,
-                           fp16_weights: bool = False) -> SubmissionModel:
-    """An eval-mode copy with the head folded to one Linear (dropout branches vanish)."""
+                           fp16_weights: bool = False,
+                           reduction: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           tta: tuple[str, ...] = ()) -> SubmissionModel:
+    """An eval-mode copy with the head, and the reduction (W, b) if any, folded to one Linear
+    (dropout branches vanish)."""
     visual = copy.deepcopy(model.visual).eval()
     if hasattr(visual, "set_grad_checkpointing"):
         visual.set_grad_checkpointing(False)
     linear = copy.deepcopy(model.head.fold())
-    export = SubmissionModel(copy.deepcopy(preprocess), visual, linear).eval()
+    if reduction is not None:
+        linear = fold_into_linear(linear, *reduction)
+    export = SubmissionModel(copy.deepcopy(preprocess), visual, linear, tta).eval()
     if fp16_weights:
         # Halve the file (ViT-H: 2.4 -> 1.2 GiB); preprocessing stays fp32 for exact resizing.
         export.visual.half()
@@ -100,10 +137,12 @@ def check_contract(module: torch.jit.ScriptModule | nn.Module, embed_dim: int = 
 
 
 def export_submission_zip(model: EmbeddingModel, preprocess: Preprocess, out_dir: str | Path,
-                          fp16_weights: bool = False) -> Path:
+                          fp16_weights: bool = False,
+                          reduction: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          tta: tuple[str, ...] = ()) -> Path:
     """Script, save, reload and contract-check; returns the path to submission.zip."""
     out_dir = Path(out_dir)
-    saved = script_and_save(build_submission_model(model, preprocess, fp16_weights),
-                            out_dir / "saved_model.pt")
-    check_contract(torch.jit.load(str(saved)), embed_dim=model.head.fold().out_features)
+    export = build_submission_model(model, preprocess, fp16_weights, reduction, tta)
+    saved = script_and_save(export, out_dir / "saved_model.pt")
+    check_contract(torch.jit.load(str(saved)), embed_dim=export.linear.out_features)
     return write_submission_zip(saved, out_dir / "submission.zip")

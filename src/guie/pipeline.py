@@ -10,19 +10,26 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from guie.config import ExperimentConfig, save_config
+from guie.config import ExperimentConfig, StageConfig, save_config
+from guie.data.augment import EvalTransform
 from guie.data.preprocess import Preprocess
 from guie.data.sources import Split, load_split
-from guie.losses import ArcFace
-from guie.model import EmbeddingModel, build_model
+from guie.losses import ArcFace, build_loss, class_margins_from_counts
+from guie.model import EmbeddingModel, LinearHead, build_model, head_output_dim
 from guie.plots import plot_history
+from guie.reduction import fit_reduction, fold_into_linear
 from guie.train import dist
+from guie.train.averaging import average_into
 from guie.train.checkpoint import load_checkpoint
 from guie.train.evaluate import Evaluator
-from guie.train.loop import load_stage_state, run_stage
+from guie.train.features import compute_features
+from guie.train.loop import apply_stage_resolution, load_stage_state, run_stage
+
+SUBMISSION_DIM = 64  # what the competition's host accepts
 
 
 @dataclass
@@ -48,17 +55,22 @@ def prepare(cfg: ExperimentConfig) -> Session:
     torch.manual_seed(cfg.seed)
     split = load_split(cfg.data)
     model, preprocess = build_model(cfg)
-    loss_fn = ArcFace(cfg.model.embed_dim, num_classes_of(cfg, split), cfg.loss.scale,
-                      cfg.loss.margin_rad, cfg.loss.subcenters)
+    num_classes = num_classes_of(cfg, split)
+    loss_fn = build_loss(cfg.loss, head_output_dim(cfg.model, model.feature_dim), num_classes)
+    if cfg.loss.class_margins:
+        counts = np.bincount(split.train["label"].to_numpy(), minlength=num_classes)
+        loss_fn.set_class_margins(class_margins_from_counts(
+            counts, cfg.loss.class_margin_min_rad, cfg.loss.class_margin_max_rad))
     evaluator = None
     if len(split.query):
-        evaluator = Evaluator(split.query, split.index, preprocess,
-                              cfg.stage1.batch_size, cfg.data.num_workers, device)
+        batch_size = cfg.stages[0].batch_size if cfg.stages else 64
+        evaluator = Evaluator(split.query, split.index, preprocess, batch_size,
+                              cfg.data.num_workers, device)
     return Session(cfg, split, model.to(device), preprocess, loss_fn, evaluator, device)
 
 
-def stages_of(cfg: ExperimentConfig) -> list:
-    return [s for s in (cfg.stage1, cfg.stage2) if s.enabled]
+def stages_of(cfg: ExperimentConfig) -> list[StageConfig]:
+    return [s for s in cfg.stages if s.enabled]
 
 
 def run_training(session: Session, out_dir: Path, resume: bool = True,
@@ -95,35 +107,98 @@ def train(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
 
 def load_trained(cfg: ExperimentConfig, checkpoint: str | Path) -> tuple[EmbeddingModel,
                                                                          Preprocess]:
-    """The model of a training output folder (its stages' final.pt in order) or of one .pt."""
+    """The model of a training output folder (its stages' final.pt in order) or of one .pt.
+
+    Each stage's input size is applied before its weights load, as in training. A config without
+    stages (the no-training recipe) gives the pretrained model.
+    """
     model, preprocess = build_model(cfg)
+    stages = stages_of(cfg)
+    if not stages:
+        return model.eval(), preprocess
     path = Path(checkpoint)
-    files = [path / s.name / "final.pt" for s in stages_of(cfg)] if path.is_dir() else [path]
-    found = [f for f in files if f.exists()]
+    if path.is_dir():
+        files = [(s, path / s.name / "final.pt") for s in stages]
+    else:  # one stage's file: that stage's input size (its folder's name), else the last's
+        stage = next((s for s in stages if s.name == path.parent.name), stages[-1])
+        files = [(stage, path)]
+    found = [(s, f) for s, f in files if f.exists()]
     if not found:
         raise FileNotFoundError(f"no finished stage checkpoint under {path} (looked for "
-                                f"{', '.join(str(f) for f in files)})")
-    for file in found:
+                                f"{', '.join(str(f) for _, f in files)})")
+    for stage, file in found:
+        apply_stage_resolution(cfg, model, preprocess, stage)
         load_stage_state(model, None, load_checkpoint(file)["model"])
     return model.eval(), preprocess
 
 
 def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
                       compat: str = "none") -> Path:
-    """Export a trained model as `out_dir/submission.zip` after checking the contract."""
+    """Export a trained model as `out_dir/submission.zip` after checking the contract.
+
+    Soup ingredients (`export.soup`) are averaged in, then the reduction is fitted and folded.
+    """
     model, preprocess = load_trained(cfg, checkpoint)
+    if cfg.export.soup:
+        average_into(model, [load_trained(cfg, run)[0] for run in cfg.export.soup])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compat = compat if compat != "none" else cfg.export.compat
+    reduction = fit_export_reduction(cfg, model, preprocess)
+    out_dim = model.head.fold().out_features if reduction is None else cfg.export.reduction_dim
+    if out_dim != SUBMISSION_DIM:
+        raise ValueError(f"export: the embeddings are {out_dim}-d but the competition takes "
+                         f"{SUBMISSION_DIM}: set export.reduction (pca, whiten, avg_pool) with "
+                         f"reduction_dim={SUBMISSION_DIM}, or model.embed_dim={SUBMISSION_DIM}")
     if compat == "torch1.11":
-        from guie.export_compat import export_compat_submission_zip as export_fn
+        if cfg.export.tta:
+            raise ValueError(f"export.tta={list(cfg.export.tta)}: the torch1.11 export does not "
+                             "support test-time views; export with compat=none or tta=[]")
+        from guie.export_compat import export_compat_submission_zip
+        if reduction is not None:
+            model = replace_head_with_linear(model, reduction)
+        zip_path = export_compat_submission_zip(model, preprocess, out,
+                                                fp16_weights=cfg.export.fp16_weights)
     elif compat == "none":
-        from guie.export import export_submission_zip as export_fn
+        from guie.export import export_submission_zip
+        zip_path = export_submission_zip(model, preprocess, out,
+                                         fp16_weights=cfg.export.fp16_weights,
+                                         reduction=reduction, tta=cfg.export.tta)
     else:
         raise ValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
-    zip_path = export_fn(model, preprocess, out, fp16_weights=cfg.export.fp16_weights)
     save_config(replace(cfg, export=replace(cfg.export, compat=compat)), out / "export-config.json")
     return zip_path
+
+
+def fit_export_reduction(cfg: ExperimentConfig, model: EmbeddingModel,
+                         preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of `export.reduction`, fitted on the head's outputs for up to `reduction_images`
+    training images (the same ones for a given seed), or None."""
+    kind, dim = cfg.export.reduction, cfg.export.reduction_dim
+    if kind == "none":
+        return None
+    in_dim = model.head.fold().out_features
+    if kind == "avg_pool":
+        return fit_reduction(kind, dim, input_dim=in_dim)
+    train = load_split(cfg.data).train
+    images = train.sample(min(len(train), cfg.export.reduction_images), random_state=cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    feats, ok = compute_features(model.visual.to(device), images.reset_index(drop=True),
+                                 EvalTransform(preprocess), 64, cfg.data.num_workers, device,
+                                 f"export.reduction={kind} features")
+    model.cpu()
+    with torch.no_grad():
+        embeddings = model.eval().head(feats[ok].to(model.head_dtype()))
+    return fit_reduction(kind, dim, embeddings.float())
+
+
+def replace_head_with_linear(model: EmbeddingModel,
+                             reduction: tuple[torch.Tensor, torch.Tensor]) -> EmbeddingModel:
+    """The model with its head and the reduction as one Linear: what `export_compat` mirrors."""
+    linear = fold_into_linear(model.head.fold(), *reduction)
+    head = LinearHead(linear.in_features, linear.out_features, 0.0)
+    head.linear = linear
+    return EmbeddingModel(model.visual, head, model.feature_dim).eval()
 
 
 def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,

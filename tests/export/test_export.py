@@ -1,5 +1,4 @@
 """The export contract: scripted model, reloaded in a fresh process that cannot import guie."""
-import json
 import subprocess
 import sys
 import zipfile
@@ -85,3 +84,79 @@ def test_contract_check_catches_a_broken_model():
 
     with pytest.raises(AssertionError, match="output shape"):
         check_contract(torch.jit.script(WrongDim()))
+
+
+def _eager_views(model, preprocess, pixels, tta):
+    """The eager reference for test-time views: mean of the head outputs, then the L2 norm."""
+    views = [pixels]
+    if "flip" in tta:
+        views.append(pixels.flip(-1))
+    h, w = pixels.shape[-2:]
+    if "aspect_crops" in tta and max(h, w) >= 1.5 * min(h, w):
+        s = min(h, w)
+        views += [pixels[..., :s], pixels[..., w - s:]] if w > h else \
+            [pixels[..., :s, :], pixels[..., h - s:, :]]
+    with torch.no_grad():
+        outs = [model.head.fold()(model.features(preprocess(v))) for v in views]
+    return torch.nn.functional.normalize(torch.stack(outs).mean(0), dim=-1)
+
+
+@pytest.mark.parametrize("tta", [("flip",), ("flip", "aspect_crops")])
+def test_scripted_tta_equals_eager_tta(tmp_path, tta):
+    from guie.export import build_submission_model, script_and_save
+
+    model, preprocess = build_model(TINY)
+    model.eval()
+    saved = script_and_save(build_submission_model(model, preprocess, tta=tta),
+                            tmp_path / "saved_model.pt")
+    scripted = torch.jit.load(str(saved))
+    check_contract(scripted)
+    for shape in ((1, 3, 60, 150), (1, 3, 150, 60), (2, 3, 64, 70)):
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8)
+        with torch.no_grad():
+            got = scripted(pixels)
+            if tta == ("flip",):  # the flip view alone makes the embedding mirror-invariant
+                assert torch.allclose(got, scripted(pixels.flip(-1)), atol=1e-5)
+        assert torch.allclose(got, _eager_views(model, preprocess, pixels, tta), atol=1e-5)
+
+
+def test_pca_reduced_export_equals_eager_reduction(tmp_path):
+    from guie.reduction import fit_reduction
+
+    wide = replace(TINY, model=replace(TINY.model, embed_dim=96))
+    model, preprocess = build_model(wide)
+    model.eval()
+    images = torch.randint(0, 256, (80, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        head_out = model.head(model.features(preprocess(images)))
+    w, b = fit_reduction("pca", 64, head_out)
+    export_submission_zip(model, preprocess, tmp_path, reduction=(w, b))  # checks the contract
+    scripted = torch.jit.load(str(tmp_path / "saved_model.pt"))
+    with torch.no_grad():
+        eager = torch.nn.functional.normalize(head_out[:4] @ w.T + b, dim=-1)
+        assert torch.allclose(scripted(images[:4]), eager, atol=1e-5)
+
+
+def test_every_export_option_passes_the_contract_in_a_fresh_process(tmp_path):
+    """TTA, a folded reduction, a bn_linear head and overlapping patches at a higher resolution,
+    reloaded by a process that cannot import guie."""
+    from guie.model import set_resolution
+    from guie.reduction import fit_reduction
+
+    cfg = replace(TINY, model=replace(TINY.model, head="bn_linear", embed_dim=128))
+    model, preprocess = build_model(cfg)
+    set_resolution(model, preprocess, 80, 6)
+    model.eval()
+    reduction = fit_reduction("avg_pool", 64, input_dim=128)
+    export_submission_zip(model, preprocess, tmp_path, reduction=reduction,
+                          tta=("flip", "aspect_crops"))
+    script = tmp_path / "host.py"
+    script.write_text(FRESH_PROCESS)
+    np.save(tmp_path / "inputs.npy", _inputs(), allow_pickle=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
+                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
+                   cwd=tmp_path)
+    out = np.load(tmp_path / "out.npy", allow_pickle=True).item()
+    for name, v in out.items():
+        assert v.shape[1] == 64 and v.dtype == np.float32, name
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3, err_msg=name)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from guie.config import DataSource, ExperimentConfig
 
 _base = ExperimentConfig()
+_stage1, _stage2 = _base.stages
 
 SOURCES = (
     DataSource("imagenet1k-mini", "tfrecord", "guie-imagenet1k-mini1-tfrecords-label-0-999",
@@ -34,8 +35,10 @@ CONFIG = replace(
                   head="multi_dropout", num_branches=20, dropout_min=0.01, dropout=0.20,
                   grad_checkpointing=True),
     loss=replace(_base.loss, scale=30.0, margin_rad=0.3, subcenters=3),
-    stage1=replace(_base.stage1, epochs=20.0, batch_size=256, lr_head=1e-3, warmup_epochs=0.5,
-                   eval_every_epochs=2.0, checkpoint_every_steps=2000),
-    stage2=replace(_base.stage2, epochs=1.0, batch_size=32, lr_head=1e-6, lr_backbone=1e-6,
-                   margin_rad=0.5, warmup_epochs=0.0, checkpoint_every_steps=1000),
+    stages=(
+        replace(_stage1, epochs=20.0, batch_size=256, lr_head=1e-3, warmup_epochs=0.5,
+                eval_every_epochs=2.0, checkpoint_every_steps=2000),
+        replace(_stage2, epochs=1.0, batch_size=32, lr_head=1e-6, lr_backbone=1e-6,
+                margin_rad=0.5, warmup_epochs=0.0, checkpoint_every_steps=1000),
+    ),
 )

@@ -10,6 +10,7 @@ from guie.config import ExperimentConfig
 from guie.model import TINY_BACKBONE
 
 _base = ExperimentConfig()
+_stage1, _stage2 = _base.stages
 
 CONFIG = replace(
     _base,
@@ -23,10 +24,12 @@ CONFIG = replace(
     ),
     preprocess=replace(_base.preprocess, image_size=64),
     model=replace(_base.model, backbone=TINY_BACKBONE, dropout=0.1),
-    # Stage 1: frozen backbone, head + centres from a 4-view feature cache; cheap, so many epochs.
-    stage1=replace(_base.stage1, epochs=40, batch_size=64, lr_head=3e-3, warmup_epochs=1,
-                   cache_views=4, eval_every_epochs=10),
-    # Stage 2: everything; a random backbone needs far more LR than ViT-H's 1e-6.
-    stage2=replace(_base.stage2, epochs=8, batch_size=32, lr_head=1e-3, lr_backbone=5e-4,
-                   margin_rad=0.4, warmup_epochs=0.5, eval_every_epochs=2),
+    stages=(
+        # Stage 1: frozen backbone, head + centres from a 4-view feature cache; cheap: many epochs.
+        replace(_stage1, epochs=40, batch_size=64, lr_head=3e-3, warmup_epochs=1,
+                cache_views=4, eval_every_epochs=10),
+        # Stage 2: everything; a random backbone needs far more LR than ViT-H's 1e-6.
+        replace(_stage2, epochs=8, batch_size=32, lr_head=1e-3, lr_backbone=5e-4,
+                margin_rad=0.4, warmup_epochs=0.5, eval_every_epochs=2),
+    ),
 )

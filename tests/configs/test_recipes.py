@@ -1,0 +1,60 @@
+"""Every shipped recipe runs its first steps on the tiny backbone and exports within the contract."""
+import re
+import zipfile
+from dataclasses import replace
+
+import pytest
+
+from guie.configs import get_config
+from guie.model import TINY_BACKBONE
+from guie.pipeline import export_submission, train
+
+RECIPES = ["first_place", "second_place", "third_place", "fourth_place", "fifth_place",
+           "sixth_place", "pca"]
+TINY_BLOCKS, VIT_H_BLOCKS = 3, 32
+TINY_PX, VIT_H_PX = 64, 224
+TINY_PATCH_PX, VIT_H_PATCH_PX = 8, 14
+
+
+def _blocks(item: str) -> str:
+    """ViT-H's block range scaled onto the tiny backbone's 3 blocks."""
+    m = re.fullmatch(r"blocks:(\d+)-(\d+)", item)
+    if not m:
+        return item
+    lo, hi = (int(g) * TINY_BLOCKS // VIT_H_BLOCKS for g in m.groups())
+    return f"blocks:{lo}-{hi}"
+
+
+def smoke_scale(cfg, sample_data, batches: int = 1):
+    """The recipe with the tiny backbone, the sample data and `batches` batches per stage."""
+    root, sources = sample_data
+    images = 800  # the sample_data fixture: 160 instances x 5 views
+    stages = tuple(replace(
+        s, train=tuple(_blocks(t) for t in s.train), batch_size=8, grad_accum=1,
+        epochs=batches * 8 / images, use_feature_cache=False, eval_every_epochs=1.0,
+        image_size_px=s.image_size_px * TINY_PX // VIT_H_PX,
+        patch_stride_px=s.patch_stride_px * TINY_PATCH_PX // VIT_H_PATCH_PX,
+        warmup_epochs=0.0) for s in cfg.stages)
+    return replace(
+        cfg, num_classes=0, stages=stages,
+        data=replace(cfg.data, root=str(root), sources=tuple(sources), sample_instances=0,
+                     heldout_classes=0, distractor_classes=0, num_workers=0, min_per_class=1),
+        preprocess=replace(cfg.preprocess, image_size=TINY_PX),
+        model=replace(cfg.model, backbone=TINY_BACKBONE, pretrained_path="",
+                      grad_checkpointing=False, num_branches=min(cfg.model.num_branches, 3)),
+        export=replace(cfg.export, reduction_images=100, soup=()))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains_and_exports_at_smoke_scale(name, sample_data, tmp_path):
+    cfg = smoke_scale(get_config(name), sample_data)
+    if len(cfg.stages) > 4:  # 1st place's 13: its first two and last two (290 px, stride 12)
+        cfg = replace(cfg, stages=cfg.stages[:2] + cfg.stages[-2:])
+    report = train(cfg, str(tmp_path))
+    assert report["status"] == "done"
+    for stage in cfg.stages:
+        assert (tmp_path / stage.name / "final.pt").exists(), stage.name
+    zip_path = export_submission(cfg, str(tmp_path), str(tmp_path / "export"))
+    # export_submission has already run check_contract on the scripted, reloaded file
+    with zipfile.ZipFile(zip_path) as zf:
+        assert zf.namelist() == ["saved_model.pt"]
