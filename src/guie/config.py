@@ -64,6 +64,11 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
+# The kit's own tiny open_clip config (src/guie/model_configs/), registered by guie.model: local
+# runs and tests with random weights. Named here so configs need not import open_clip.
+TINY_BACKBONE = "guie-tiny-vit"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "ViT-H-14"

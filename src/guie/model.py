@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from torch import nn
 
-from guie.config import ExperimentConfig, ModelConfig
+from guie.config import TINY_BACKBONE, ExperimentConfig, ModelConfig  # noqa: F401 (re-exported)
 from guie.data.preprocess import Preprocess
 
-TINY_BACKBONE = "guie-tiny-vit"
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 

@@ -6,8 +6,7 @@ real pipeline in minutes and to see held-out mP@5 move.
 """
 from dataclasses import replace
 
-from guie.config import ExperimentConfig
-from guie.model import TINY_BACKBONE
+from guie.config import TINY_BACKBONE, ExperimentConfig
 
 _base = ExperimentConfig()
 _stage1, _stage2 = _base.stages
