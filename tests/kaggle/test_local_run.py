@@ -2,6 +2,8 @@
 import json
 import zipfile
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -28,5 +30,9 @@ def test_local_runs_the_kernels_notebooks(tmp_path, monkeypatch):
                 if "injected-parameters" not in c.metadata.get("tags", [])]
         assert injected_parameters(built)["out_dir"] == "/kaggle/working"
         assert executed.metadata.papermill.parameters["out_dir"] == str(out)
+    # the kernels imported the packed copy of the source, as on Kaggle, not this checkout
+    params = executed.metadata.papermill.parameters
+    assert params["source_dir"].startswith(str(out / "kaggle" / "input"))
+    assert (Path(params["source_dir"]) / "src" / "guie" / "__init__.py").is_file()
     with zipfile.ZipFile(out / "submission.zip") as zf:
         assert zf.namelist() == ["saved_model.pt"]

@@ -125,7 +125,7 @@ def _dataset_info(client, dref: DatasetRef):
             request = ApiGetDatasetRequest()
             request.owner_slug, request.dataset_slug = dref.owner, dref.slug
             return kaggle.datasets.dataset_api_client.get_dataset(request)
-    return client._read(f"dataset {dref.ref}", get)
+    return client.read(f"dataset {dref.ref}", get)
 
 
 def _list_files(client, dref: DatasetRef, version: int | None) -> tuple[list, bool]:
@@ -133,7 +133,7 @@ def _list_files(client, dref: DatasetRef, version: int | None) -> tuple[list, bo
     from guie.kaggle.client import KaggleError
 
     spec = dref.ref + (f"/{version}" if version else "")
-    answer = client._read(f"list files of {spec}", lambda: client.api.dataset_list_files(
+    answer = client.read(f"list files of {spec}", lambda: client.api.dataset_list_files(
         spec, page_size=PAGE_SIZE))
     if answer.error_message:
         raise KaggleError(f"list files of {spec}: {answer.error_message}")
@@ -157,7 +157,7 @@ def _download(client, dref: DatasetRef, version: int | None, file_name: str | No
             request.dataset_version_number, request.file_name = version, file_name
             return kaggle.datasets.dataset_api_client.download_dataset(request), kaggle.http_client()
 
-    response, http = client._read(f"download {what}", start)
+    response, http = client.read(f"download {what}", start)
     try:
         # Like the client: the file is named after the storage URL it was redirected to, which
         # ends in ".zip" where Kaggle serves a file compressed.

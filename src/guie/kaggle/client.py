@@ -14,222 +14,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import requests
 
+from guie.kaggle.answers import (  # noqa: F401 (errors re-exported for callers)
+    AuthError, ConflictError, DailyCapReached, DatasetPush, KaggleError, KernelOutput, KernelPush,
+    KernelStatus, LeaderboardEntry, NotFoundError, RetryPolicy, Submission, SubmissionReceipt,
+    SubmissionRejected, http_status, is_transient, parse_score, render_log, retry_after_s)
+from guie.kaggle.credentials import (  # noqa: F401
+    Credentials, import_kaggle_api, find_credentials, kaggle_config_dir)
+
 COMPETITION = "google-universal-image-embedding"
-TERMINAL_KERNEL_STATES = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED")
 T = TypeVar("T")
-
-
-class KaggleError(RuntimeError):
-    """A Kaggle call failed; the message says which call, on what, and why."""
-
-
-class AuthError(KaggleError):
-    """Missing or refused credentials."""
-
-
-class NotFoundError(KaggleError):
-    """HTTP 404."""
-
-
-class ConflictError(KaggleError):
-    """HTTP 409, or a slug/title already in use."""
-
-
-class SubmissionRejected(KaggleError):
-    """Kaggle answered the submission with a refusal."""
-
-
-class DailyCapReached(KaggleError):
-    """No submission left today; nothing was sent."""
-
-
-# ----------------------------------------------------------------------------- credentials
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str | None
-    secrets: tuple[str, ...]  # key and tokens: nothing uploaded may contain these
-    source: str  # where they were found, for error messages
-
-
-def kaggle_config_dir() -> Path:
-    """Where the client looks for kaggle.json (its own rule, re-evaluated now, not at import)."""
-    if os.environ.get("KAGGLE_CONFIG_DIR"):
-        return Path(os.environ["KAGGLE_CONFIG_DIR"])
-    home_dir = Path(os.path.expanduser("~")) / ".kaggle"
-    if sys.platform.startswith("linux") and not home_dir.exists():
-        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-        return Path(xdg) / "kaggle"
-    return home_dir
-
-
-def find_credentials() -> Credentials:
-    """Read the user's Kaggle credentials locally, without any network call."""
-    secrets: list[str] = []
-    username = os.environ.get("KAGGLE_USERNAME")
-    source = "KAGGLE_USERNAME/KAGGLE_KEY" if username else "an access token"
-    if os.environ.get("KAGGLE_KEY"):
-        secrets.append(os.environ["KAGGLE_KEY"])
-    config = kaggle_config_dir() / "kaggle.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text() or "{}")
-        except json.JSONDecodeError:
-            data = {}
-        if data.get("key"):
-            secrets.append(str(data["key"]))
-        if not username and data.get("username"):
-            username, source = str(data["username"]), str(config)
-    for token_file in (Path(os.path.expanduser("~/.kaggle/access_token")),
-                       Path(os.path.expanduser("~/.kaggle/access_token.txt"))):
-        if token_file.is_file() and token_file.read_text().strip():
-            secrets.append(token_file.read_text().strip())
-    if os.environ.get("KAGGLE_API_TOKEN"):
-        token = os.environ["KAGGLE_API_TOKEN"]
-        secrets.append(Path(token).read_text().strip() if Path(token).is_file() else token)
-    return Credentials(username, tuple(s for s in secrets if s), source)
-
-
-def _import_kaggle_api() -> type:
-    # `import kaggle` authenticates at import and prints a help text when credentials are missing;
-    # that text would interleave with our own output, so it is swallowed here and we raise
-    # our own clear error from `KaggleClient.connect` instead.
-    with contextlib.redirect_stdout(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    return KaggleApi
-
-
-# ----------------------------------------------------------------------------- answers
-
-
-@dataclass(frozen=True)
-class DatasetPush:
-    ref: str
-    url: str
-    created: bool  # False: a new version of an existing dataset
-
-
-@dataclass(frozen=True)
-class KernelPush:
-    ref: str
-    url: str
-    version: int | None
-
-
-@dataclass(frozen=True)
-class KernelStatus:
-    ref: str
-    state: str  # KernelWorkerStatus name: QUEUED, RUNNING, COMPLETE, ERROR, ...
-    failure_message: str
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL_KERNEL_STATES
-
-
-@dataclass(frozen=True)
-class KernelOutput:
-    files: tuple[Path, ...]
-    log_path: Path | None
-    log_text: str  # the log rendered as plain text
-
-
-@dataclass(frozen=True)
-class Submission:
-    ref: int
-    date: datetime | None  # UTC
-    description: str
-    status: str  # PENDING, COMPLETE, ERROR
-    public_score: float | None
-    private_score: float | None
-    error_description: str
-    file_name: str
-
-
-@dataclass(frozen=True)
-class LeaderboardEntry:
-    rank: int
-    team_id: int
-    team_name: str
-    submission_date: datetime | None
-    score: float | None
-
-
-@dataclass(frozen=True)
-class SubmissionReceipt:
-    ref: int
-    message: str
-    remaining_today: int  # after this submission
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 5
-    initial_delay_s: float = 1.0
-    multiplier: float = 2.0
-    max_delay_s: float = 60.0
-
-    def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_delay_s)
-        ceiling = min(self.max_delay_s, self.initial_delay_s * self.multiplier ** attempt)
-        return random.uniform(ceiling / 2, ceiling)  # jitter: concurrent clients spread out
-
-
-def render_log(raw: str) -> str:
-    """Kaggle logs are a JSON list of {stream_name, time, data}; anything else is shown as is."""
-    try:
-        events = json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
-        return raw or ""
-    if not isinstance(events, list):
-        return raw
-    return "".join(str(e.get("data", "")) for e in events if isinstance(e, dict))
-
-
-def _score(text: str | None) -> float | None:
-    try:
-        return float(text) if text not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def _http_status(error: BaseException) -> int | None:
-    # The client sometimes re-raises an HTTPError as a ValueError with a misleading text
-    # (kernels_status calls every 401 a wrong slug): look at the chained cause too.
-    for e in (error, error.__cause__, error.__context__):
-        response = getattr(e, "response", None)
-        if isinstance(e, requests.HTTPError) and response is not None:
-            return response.status_code
-    return None
-
-
-def _retry_after_s(error: BaseException) -> float | None:
-    response = getattr(error, "response", None)
-    value = response.headers.get("Retry-After") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _is_transient(error: BaseException) -> bool:
-    status = _http_status(error)
-    if status is not None:
-        return status == 429 or status >= 500
-    return isinstance(error, (requests.ConnectionError, requests.Timeout))
 
 
 # ----------------------------------------------------------------------------- the client
@@ -248,7 +49,7 @@ class KaggleClient:
     def connect(cls, competition: str = COMPETITION, retry: RetryPolicy = RetryPolicy(),
                 sleep: Callable[[float], None] = time.sleep) -> "KaggleClient":
         """Authenticate with the user's credentials; a clear `AuthError` when there are none."""
-        api = _import_kaggle_api()()
+        api = import_kaggle_api()()
         config_dir = kaggle_config_dir()
         # The client fixes its config path when `kaggle` is first imported; use today's.
         api.config_dir, api.config = str(config_dir), str(config_dir / "kaggle.json")
@@ -273,7 +74,7 @@ class KaggleClient:
     # -- error handling ---------------------------------------------------------------------
 
     def _fail(self, error: BaseException, what: str) -> KaggleError:
-        status = _http_status(error)
+        status = http_status(error)
         detail = str(error) or type(error).__name__
         if status == 401:
             return AuthError(
@@ -293,15 +94,15 @@ class KaggleClient:
             return KaggleError(f"{what}: HTTP {status}: {detail}")
         return KaggleError(f"{what}: {detail}")
 
-    def _read(self, what: str, fn: Callable[[], T]) -> T:
+    def read(self, what: str, fn: Callable[[], T]) -> T:
         """Run an idempotent read, retrying 429/5xx/connection errors with backoff + jitter."""
         for attempt in range(self.retry.max_attempts):
             try:
                 return fn()
             except (requests.RequestException, ValueError) as e:
-                if not _is_transient(e) or attempt + 1 == self.retry.max_attempts:
+                if not is_transient(e) or attempt + 1 == self.retry.max_attempts:
                     raise self._fail(e, what) from e
-                delay_s = self.retry.delay_s(attempt, _retry_after_s(e))
+                delay_s = self.retry.delay_s(attempt, retry_after_s(e))
                 print(f"{what}: {e}; retrying in {delay_s:.1f} s", file=sys.stderr)
                 self._sleep(delay_s)
         raise AssertionError("unreachable")
@@ -318,7 +119,7 @@ class KaggleClient:
     def dataset_status(self, ref: str) -> str | None:
         """The dataset's processing status ('ready', ...), or None if it does not exist."""
         try:
-            return self._read(f"dataset status {ref}", lambda: self.api.dataset_status(ref))
+            return self.read(f"dataset status {ref}", lambda: self.api.dataset_status(ref))
         except NotFoundError:
             return None
 
@@ -379,7 +180,7 @@ class KaggleClient:
         return KernelPush(ref, url, answer.version_number)
 
     def kernel_status(self, ref: str) -> KernelStatus:
-        answer = self._read(f"kernel status {ref}", lambda: self.api.kernels_status(ref))
+        answer = self.read(f"kernel status {ref}", lambda: self.api.kernels_status(ref))
         return KernelStatus(ref, answer.status.name, answer.failure_message or "")
 
     def wait_kernel(self, ref: str, timeout_s: float = 13 * 3600, poll_s: float = 15,
@@ -414,7 +215,7 @@ class KaggleClient:
             request = ApiListKernelSessionOutputRequest()
             request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
             request.page_token = token or None
-            answer = self._read(f"list output of kernel {ref}", lambda: self._sdk_call(
+            answer = self.read(f"list output of kernel {ref}", lambda: self._sdk_call(
                 lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
             log_raw = log_raw or (answer.log or "")
             for item in answer.files or []:
@@ -447,7 +248,7 @@ class KaggleClient:
                         out.write(chunk)
                 partial.replace(target)
 
-        self._read(f"download {name} ({what})", get)
+        self.read(f"download {name} ({what})", get)
         return target
 
     # -- competition --------------------------------------------------------------------------
@@ -460,12 +261,12 @@ class KaggleClient:
             request = ApiListSubmissionsRequest()
             request.competition_name, request.page_size = self.competition, 100
             request.page_token = token or None
-            answer = self._read("list submissions", lambda: self._sdk_call(
+            answer = self.read("list submissions", lambda: self._sdk_call(
                 lambda k: k.competitions.competition_api_client.list_submissions(request)))
             for s in answer.submissions or []:
                 date = s.date.replace(tzinfo=timezone.utc) if s.date else None
                 result.append(Submission(s.ref, date, s.description or "", s.status.name,
-                                         _score(s.public_score), _score(s.private_score),
+                                         parse_score(s.public_score), parse_score(s.private_score),
                                          s.error_description or "", s.file_name or ""))
             token = answer.next_page_token
             if not token:
@@ -478,7 +279,7 @@ class KaggleClient:
         used = sum(1 for s in self.list_submissions() if s.date and s.date.date() == today)
         remaining = daily_cap - used
         try:
-            limits = self._read("submission limits", lambda: self.api.competition_get_submission_limits(
+            limits = self.read("submission limits", lambda: self.api.competition_get_submission_limits(
                 self.competition))
             # All zeros means "not on a team yet" (the client's docs), not "no submissions left".
             if limits.num_total or limits.num_allowed_now:
@@ -500,7 +301,7 @@ class KaggleClient:
             answer = self.api.competition_submit_code(file_name, message, self.competition,
                                                       kernel_ref, version, quiet=True)
         except (requests.RequestException, ValueError) as e:
-            status = _http_status(e)
+            status = http_status(e)
             if status in (401, 403) or not isinstance(e, requests.RequestException):
                 raise self._fail(e, what) from e  # refused, or invalid before sending
             if status is not None and 400 <= status < 500 and status != 429:
@@ -516,13 +317,13 @@ class KaggleClient:
         def view() -> list:
             with contextlib.redirect_stdout(io.StringIO()):  # it prints the next page token
                 return self.api.competition_leaderboard_view(self.competition, page_size=top) or []
-        entries = self._read("leaderboard", view)
+        entries = self.read("leaderboard", view)
         return [LeaderboardEntry(i + 1, e.team_id, e.team_name or "",
                                  e.submission_date.replace(tzinfo=timezone.utc) if e.submission_date else None,
-                                 _score(e.score)) for i, e in enumerate(entries[:top])]
+                                 parse_score(e.score)) for i, e in enumerate(entries[:top])]
 
     def download_leaderboard(self, dest: Path) -> Path:
         dest = Path(dest)
-        self._read("download leaderboard", lambda: self.api.competition_leaderboard_download(
+        self.read("download leaderboard", lambda: self.api.competition_leaderboard_download(
             self.competition, str(dest), quiet=True))
         return dest / f"{self.competition}.zip"

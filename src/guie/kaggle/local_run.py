@@ -16,7 +16,7 @@ import torch
 
 from guie.config import save_config
 from guie.kaggle.notebooks import kernel_config, map_kaggle_paths, plan_kernels, write_kernel
-from guie.kaggle.packaging import pack_source
+from guie.kaggle.packaging import dataset_metadata, pack_source
 from guie.pipeline import prepare, stages_of, write_curves
 from guie.train.checkpoint import load_checkpoint
 
@@ -47,7 +47,8 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
 
     inputs = out / "kaggle" / "input"
     template = METADATA / "guie-src" / "dataset-metadata.json"
-    source = pack_source(PACKAGE_DIR, inputs / "guie-src", template, LOCAL_OWNER, secrets=[])
+    slug = dataset_metadata(template, LOCAL_OWNER)["id"].split("/")[1]
+    source = pack_source(PACKAGE_DIR, inputs / slug, template, LOCAL_OWNER, secrets=[])
     plans = plan_kernels(cfg, config_name, overrides, LOCAL_OWNER, source_ref=source.ref,
                          wheels_ref=f"{LOCAL_OWNER}/guie-wheels", source_hash=source.content_hash,
                          compat=compat, data_root="")
