@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from guie.config import apply_overrides
 from guie.configs import get_config, list_configs
@@ -26,6 +27,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     else:
         from guie.kaggle.local_run import run_local_notebooks
 
+        # papermill streams the kernels' output (their progress bars) through its logger
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         report = run_local_notebooks(args.config, args.overrides, args.out, compat=args.compat)
     keys = [k for k in report if k.startswith("map5_") and not k.endswith("per_domain")]
     print(json.dumps({k: round(report[k], 4) for k in keys}, indent=2))

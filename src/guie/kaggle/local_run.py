@@ -29,8 +29,8 @@ def execute(notebook: Path, parameters: dict, executed: Path, cwd: Path) -> None
     import papermill
 
     papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
-                               kernel_name="python3", cwd=str(cwd), progress_bar=True,
-                               log_output=False)
+                               kernel_name="python3", cwd=str(cwd), progress_bar=False,
+                               log_output=True)  # the kernel's own progress bars, live
 
 
 def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
