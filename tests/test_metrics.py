@@ -55,3 +55,18 @@ def test_evaluate_embeddings_per_domain():
     # query 0 finds both label-0 images first (1.0); query 1 (label 0) finds label-1 first (0.0)
     assert result["map5"] == 0.5
     assert result["map5_per_domain"] == {"art": 0.0, "cars": 1.0}
+
+
+def test_evaluate_embeddings_equals_the_official_dict_metric():
+    gen = torch.Generator().manual_seed(3)
+    index, queries = torch.randn(300, 8, generator=gen), torch.randn(60, 8, generator=gen)
+    index_labels = torch.randint(0, 25, (300,), generator=gen).tolist()
+    query_labels = [index_labels[i] for i in torch.randint(0, 300, (60,), generator=gen).tolist()]
+    result = evaluate_embeddings(queries, query_labels, index, index_labels, k=5)
+    _, nn_idx = knn(queries, index, 5)
+    solution = {f"q{q}": [f"i{j}" for j, lab in enumerate(index_labels) if lab == label]
+                for q, label in enumerate(query_labels)}
+    predictions = {f"q{q}": [f"i{j}" for j in row] for q, row in enumerate(nn_idx.tolist())}
+    assert result["map5"] == pytest.approx(mean_precision_at_k(predictions, solution))
+    with pytest.raises(ValueError, match="no relevant image"):
+        evaluate_embeddings(queries[:1], [999], index, index_labels)
