@@ -41,7 +41,11 @@ def train_on_all_gpus(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
            str(out / "launch-config.json"), "--out", str(out), "--max-hours", str(max_hours)]
     if not resume:
         cmd.append("--restart")
-    subprocess.run(cmd, check=True)
+    # The workers must import the very guie this process runs (on Kaggle: the attached source
+    # dataset, put on sys.path by the notebook, not inherited by child processes).
+    package_root = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": pythonpath})
     return json.loads(report_path.read_text())
 
 

@@ -6,6 +6,8 @@ a local file or nowhere: the kit never downloads at run time.
 """
 from __future__ import annotations
 
+import importlib.resources
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -17,7 +19,20 @@ from torch import nn
 from guie.config import TINY_BACKBONE, ExperimentConfig, ModelConfig  # noqa: F401 (re-exported)
 from guie.data.preprocess import Preprocess
 
-open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+def _register_model_configs() -> None:
+    """Register the kit's open_clip configs, also when guie is imported from a zip (Kaggle may
+    keep the source dataset's src.zip), where the folder is no real path for open_clip."""
+    folder = Path(__file__).parent / "model_configs"
+    if not folder.is_dir():
+        folder = Path(tempfile.mkdtemp(prefix="guie-model-configs-"))
+        for entry in importlib.resources.files("guie").joinpath("model_configs").iterdir():
+            (folder / entry.name).write_text(entry.read_text())
+    open_clip.add_model_config(folder)
+
+
+_register_model_configs()
 
 
 class LinearHead(nn.Module):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import nbformat
@@ -163,3 +164,10 @@ def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layou
     result = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=120)
     assert result.returncode != 0 and "SourceMismatchError" in result.stderr
+
+
+def test_infer_kernel_attaches_the_data_a_fitted_reduction_reads(kaggle_cfg):
+    pca = replace(kaggle_cfg, export=replace(kaggle_cfg.export, reduction="pca"))
+    assert "someone/glr-mini-tfrecords" in plans_for(pca)["infer"].metadata["dataset_sources"]
+    pooled = replace(kaggle_cfg, export=replace(kaggle_cfg.export, reduction="avg_pool"))
+    assert plans_for(pooled)["infer"].metadata["dataset_sources"] == list(SOURCES)

@@ -56,3 +56,13 @@ def test_finished_stage_is_not_rerun(sample_data, tmp_path):
     again, state2 = _run(sample_data, stage, tmp_path, tmp_path / "cache")
     assert again.history == first.history
     assert all(torch.equal(state[k], state2[k]) for k in state)
+
+
+def test_resume_under_a_different_data_order_is_refused(sample_data, tmp_path):
+    stage = replace(get_config("smoke").stage1, epochs=1.0, max_hours=1e-9,
+                    checkpoint_every_steps=1)
+    paused, _ = _run(sample_data, stage, tmp_path, tmp_path / "cache")
+    assert paused.status == "paused"
+    with pytest.raises(ValueError, match="data order changed.*batch_size"):
+        _run(sample_data, replace(stage, batch_size=32, max_hours=0.0), tmp_path,
+             tmp_path / "cache")

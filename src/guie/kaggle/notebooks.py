@@ -140,9 +140,13 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
         enable_internet=train_internet, dataset_sources=[*base_sources, *data_slugs],
         kernel_sources=[resume_kernel] if resume_kernel else [], machine_shape=machine_shape,
         is_private=private)
+    # A reduction fitted at export time (PCA, whitening) reads training images there too.
+    fits_on_data = cfg.export.reduction not in ("none", "avg_pool")
     infer_meta = kernel_metadata(
         refs["infer"], kernel_title("infer", config_name), "infer.ipynb", enable_gpu=True,
-        enable_internet=False, dataset_sources=base_sources, competition_sources=[COMPETITION],
+        enable_internet=False,
+        dataset_sources=[*base_sources, *(data_slugs if fits_on_data else [])],
+        competition_sources=[COMPETITION],
         kernel_sources=[refs["train"]], machine_shape=machine_shape, is_private=private)
     return {"train": KernelPlan("train", refs["train"], train_params, train_meta),
             "infer": KernelPlan("infer", refs["infer"], infer_params, infer_meta)}

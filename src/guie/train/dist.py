@@ -1,6 +1,7 @@
 """torchrun/DDP plumbing: one process per GPU, or a single process (CPU or one GPU)."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -18,7 +19,10 @@ def init() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Ranks wait while rank 0 trains a cached head stage or evaluates: far longer than
+        # the 10-minute default, which would abort a healthy run.
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      timeout=datetime.timedelta(hours=12))
     return rank, world, device
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from guie.data.dataset import ImageDataset, collate_skip_bad
 from guie.train import dist
+from guie.train.amp import inference_autocast
 from guie.train.order import SeededDataset
 
 
@@ -43,7 +44,7 @@ def compute_features(visual: nn.Module, df: pd.DataFrame, transform, batch_size:
     out: torch.Tensor | None = None
     valid = torch.zeros(len(df), dtype=torch.bool)
     visual.eval()
-    autocast = _autocast(device)
+    autocast = inference_autocast(device)
     for images, _, indices, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                       disable=not progress):
         if len(indices) == 0:
@@ -57,13 +58,6 @@ def compute_features(visual: nn.Module, df: pd.DataFrame, transform, batch_size:
     if out is None:
         raise ValueError(f"{desc}: not one of {len(df)} images could be read")
     return out, valid
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
 
 
 def cache_key(parts: dict, df: pd.DataFrame) -> str:

@@ -9,6 +9,7 @@ exactly where an uninterrupted run would.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from guie.data.preprocess import Preprocess
 from guie.losses import ArcFace, margin_at
 from guie.model import EmbeddingModel, backbone_blocks, set_resolution
 from guie.train import dist
+from guie.train.amp import amp_settings
 from guie.train.averaging import EMA
 from guie.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from guie.train.evaluate import Evaluator
@@ -60,15 +62,6 @@ class TrainStep(nn.Module):
         return self.loss_fn(embeddings, labels, margin_rad)
 
 
-def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype | None]:
-    """(use a grad scaler, autocast dtype): bf16 where supported, fp16 + scaler on T4/P100."""
-    if mode == "off" or device.type != "cuda":
-        return False, None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return False, torch.bfloat16
-    return True, torch.float16
-
-
 def trains_backbone(model: EmbeddingModel, stage: StageConfig) -> bool:
     return trainable(stage, len(backbone_blocks(model))).backbone
 
@@ -100,7 +93,9 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
               resume: bool = True, cache_dir: Path | None = None) -> StageOutcome:
     stage_dir = Path(out_dir) / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, stage_dir / "config.json")
+    started = time.monotonic()  # max_hours counts the feature-cache build too
+    if dist.is_main():
+        save_config(cfg, stage_dir / "config.json")
     final_path, last_path = stage_dir / "final.pt", stage_dir / "last.pt"
     apply_stage_resolution(cfg, model, preprocess, stage)
     if evaluator is not None:
@@ -130,14 +125,17 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
                        "resolution": (stage.image_size_px, stage.patch_stride_px),
                        "backbone_trained_by": _earlier_backbone_stages(cfg, stage, model)},
                       train_df),
-            cache_dir or Path(out_dir) / "feature-cache", stage.batch_size,
+            cache_dir or feature_cache_dir(), stage.batch_size,
             cfg.data.num_workers, device)
         rows = np.flatnonzero(cache.valid)
         rank, world = 0, 1  # the head trains on rank 0 only: it takes seconds
         if not dist.is_main():
-            dist.barrier()
-            return run_stage(cfg, stage, model, preprocess, loss_fn, train_df, evaluator,
-                             out_dir, device, resume=True, cache_dir=cache_dir)
+            dist.barrier()  # rank 0 trains the head; then its final.pt says whether it finished
+            if not final_path.exists():
+                return StageOutcome("paused", last_path, {}, [])
+            done = load_checkpoint(final_path)
+            load_stage_state(model, loss_fn, done["model"])
+            return StageOutcome("done", final_path, done["metrics"], done["history"])
     else:
         rows = np.arange(len(train_df))
     order = BatchOrder(len(rows), stage.batch_size, cfg.seed, rank, world)
@@ -149,9 +147,20 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     batches_per_epoch = len(rows) / order.global_batch_size()
     eval_every = max(1, round(stage.eval_every_epochs * batches_per_epoch))
 
+    # What fixes the data order: a checkpoint resumed under other values would silently
+    # continue at the wrong position of a different order.
+    order_key = {"rows": len(rows), "batch_size": stage.batch_size, "world": world,
+                 "grad_accum": stage.grad_accum, "epochs": stage.epochs, "seed": cfg.seed}
     start, history = 0, []
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
+        saved_key = ckpt.get("order", order_key)
+        if saved_key != order_key:
+            changed = {k: (saved_key.get(k), v) for k, v in order_key.items()
+                       if saved_key.get(k) != v}
+            raise ValueError(f"{last_path}: cannot resume, the data order changed since it was "
+                             f"saved (was, now): {changed}; restore them or start the stage "
+                             "again (delete the checkpoint)")
         load_stage_state(model, loss_fn, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -182,6 +191,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     def save(path: Path, next_batch: int, metrics: dict | None = None) -> None:
         if dist.is_main():
             state = {"model": stage_state(model, loss_fn, stage), "next_batch": next_batch,
+                     "order": order_key,
                      "history": history, "metrics": metrics or {}, "config": to_dict(cfg)}
             if path != final_path:  # a finished stage needs no optimizer (ViT-H AdamW: 5 GB)
                 state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -191,18 +201,18 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
 
     batches = _batches(from_cache, cache if from_cache else None, rows, train_df, order, start,
                        total_batches, stage, preprocess, cfg.data.num_workers)
-    started = time.monotonic()
     bar = tqdm(total=total_batches, initial=start, desc=stage.name, dynamic_ncols=True,
                disable=not dist.is_main())
     b = start
     for b, (inputs, labels) in enumerate(batches, start=start):
-        if len(labels) == 0:
-            continue  # every image of the batch was corrupt (already counted and warned)
         step = b // stage.grad_accum
         margin = margin_at(stage, cfg.loss, b / batches_per_epoch)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin)
-        scaler.scale(loss / stage.grad_accum).backward()
+        loss_value = float("nan")  # a batch whose every image was corrupt (already warned)
+        if len(labels):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin)
+            scaler.scale(loss / stage.grad_accum).backward()
+            loss_value = loss.item()
         if (b + 1) % stage.grad_accum == 0:
             mult = lr_multiplier(step, total_steps, warmup_steps)
             for g in optimizer.param_groups:
@@ -214,7 +224,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
                 ema.update()
         first = optimizer.param_groups[0]
         row = {"stage": stage.name, "batch": b + 1, "epoch": (b + 1) / batches_per_epoch,
-               "loss": loss.item(), f"lr_{first['name']}": first["lr"], "margin_rad": margin}
+               "loss": loss_value, f"lr_{first['name']}": first["lr"], "margin_rad": margin}
         if evaluator is not None and (b + 1) % eval_every == 0 and b + 1 < total_batches \
                 and dist.is_main():
             row["map5"] = evaluator.evaluate(model, backbone_frozen=not backbone_trains)["map5"]
@@ -226,9 +236,12 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         at_step_end = (b + 1) % stage.grad_accum == 0
         if at_step_end and (b + 1) // stage.grad_accum % stage.checkpoint_every_steps == 0:
             save(last_path, b + 1)
-        if at_step_end and stage.max_hours and time.monotonic() - started > stage.max_hours * 3600:
+        if at_step_end and stage.max_hours and _time_is_up(started, stage.max_hours, world,
+                                                          device):
             save(last_path, b + 1)
             bar.close()
+            if from_cache:
+                dist.barrier()  # release the ranks waiting for the head stage
             return StageOutcome("paused", last_path, {}, history)
     bar.close()
     if ema is not None:
@@ -280,3 +293,21 @@ def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, prepr
                         persistent_workers=num_workers > 0)
     for images, labels, _, _ in loader:
         yield images, labels
+
+
+def _time_is_up(started: float, max_hours: float, world: int, device: torch.device) -> bool:
+    """Past the stage's time budget? Under DDP rank 0's clock decides for all ranks, so every
+    rank stops at the same step instead of one waiting forever in the next all-reduce."""
+    up = time.monotonic() - started > max_hours * 3600
+    if world > 1:
+        flag = torch.tensor([float(up)], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        up = bool(flag.item())
+    return up
+
+
+def feature_cache_dir() -> Path:
+    """`$GUIE_CACHE_DIR/feature-cache` (default ~/.cache/guie): on Kaggle outside
+    /kaggle/working, so gigabytes of ViT-H features never become kernel output."""
+    return Path(os.environ.get("GUIE_CACHE_DIR") or Path.home() / ".cache" / "guie") / \
+        "feature-cache"
