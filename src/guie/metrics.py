@@ -145,11 +145,12 @@ def _knn_cpu(q: np.ndarray, x: np.ndarray, k: int, chunk: int, exclude_self: boo
     block = min(-(-_CPU_INDEX_BLOCK // group), -(-n // group)) * group
     groups_per_block = block // group
     num_blocks = -(-n // block)
-    # [-2x | ||x||^2], padding rows scoring +inf: each block of rows is one GEMM's left operand.
+    # [-2x | ||x||^2], padding rows scoring huge: each block of rows is one GEMM's left operand.
+    # (A finite stand-in for +inf: BLAS kernels may multiply the padding by 0, and inf * 0 = NaN.)
     xa = np.zeros((num_blocks * block, dim + 1), np.float32)
     np.multiply(x, -2.0, out=xa[:n, :dim])
     xa[:n, dim] = np.einsum("ij,ij->i", x, x)
-    xa[n:, dim] = np.inf
+    xa[n:, dim] = np.finfo(np.float32).max / 4
     qa = np.ones((num_q, dim + 1), np.float32)
     qa[:, :dim] = q
     q_sq = np.einsum("ij,ij->i", q, q)

@@ -28,7 +28,8 @@ def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
     ax_map.set(xlabel="epoch (stages end to end)", ylabel="mP@5", title="Held-out mP@5")
     for ax in (ax_loss, ax_map):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a stage may have no evaluations
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
