@@ -66,3 +66,17 @@ def test_resume_under_a_different_data_order_is_refused(sample_data, tmp_path):
     with pytest.raises(ValueError, match="data order changed.*batch_size"):
         _run(sample_data, replace(stage, batch_size=32, max_hours=0.0), tmp_path,
              tmp_path / "cache")
+
+
+def test_ema_stage_resumes_exactly_and_swaps_the_average_in(sample_data, tmp_path):
+    stage = replace(get_config("smoke").stage1, epochs=1.5, ema_decay=0.9)
+    cache = tmp_path / "cache"
+    straight, want = _run(sample_data, stage, tmp_path / "a", cache)
+    _run(sample_data, replace(stage, max_hours=1e-9, checkpoint_every_steps=1), tmp_path / "b",
+         cache)
+    resumed, got = _run(sample_data, stage, tmp_path / "b", cache)
+    assert resumed.status == "done"
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    _, plain = _run(sample_data, replace(stage, ema_decay=0.0), tmp_path / "c", cache)
+    head = [k for k in want if k.startswith("m.head.")]
+    assert any(not torch.allclose(want[k], plain[k]) for k in head)  # the average, not the last
