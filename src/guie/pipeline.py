@@ -201,6 +201,30 @@ def replace_head_with_linear(model: EmbeddingModel,
     return EmbeddingModel(model.visual, head, model.feature_dim).eval()
 
 
+def score_untrained(session: Session) -> dict:
+    """The report's opening: the data split and the mP@5 of the model before any training."""
+    if session.evaluator is None:
+        raise ValueError(f"config {session.cfg.name!r} holds out no classes: nothing to score "
+                         "locally (set data.heldout_classes > 0)")
+    split = session.split
+    untrained = session.evaluator.evaluate(session.model, backbone_frozen=True)
+    return {"experiment": session.cfg.name,
+            "data": {"train_images": len(split.train),
+                     "train_classes": int(split.train["label"].nunique()),
+                     "queries": len(split.query), "index_images": len(split.index)},
+            "map5_untrained": untrained["map5"],
+            "map5_untrained_per_domain": untrained["map5_per_domain"]}
+
+
+def score_export(session: Session, out: Path) -> dict:
+    """mP@5 through the reloaded `out/saved_model.pt`, fed as the host feeds it."""
+    result = session.evaluator.evaluate_exported(torch.jit.load(str(out / "saved_model.pt")))
+    zip_path = out / "submission.zip"
+    return {"map5_export": result["map5"], "map5_export_per_domain": result["map5_per_domain"],
+            "submission_zip": str(zip_path),
+            "submission_mb": round(zip_path.stat().st_size / 2**20, 2)}
+
+
 def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,
               compat: str = "none") -> dict:
     """The whole path on this machine: untrained eval, stages, export, eval through the export."""
@@ -208,29 +232,15 @@ def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     session = prepare(cfg)
     save_config(session.cfg, out / "config.json")
-    report: dict = {"experiment": cfg.name, "data": {
-        "train_images": len(session.split.train),
-        "train_classes": int(session.split.train["label"].nunique()),
-        "queries": len(session.split.query), "index_images": len(session.split.index)}}
-    if session.evaluator is None:
-        raise ValueError("run_local needs held-out queries: set data.heldout_classes > 0")
-    untrained = session.evaluator.evaluate(session.model, backbone_frozen=True)
-    report["map5_untrained"] = untrained["map5"]
-    report["map5_untrained_per_domain"] = untrained["map5_per_domain"]
+    report = score_untrained(session)
     report.update(run_training(session, out, resume=resume))
-    if report["status"] != "done":
-        return _write_report(out, report)
-    zip_path = export_submission(session.cfg, str(out), str(out), compat=compat)
-    exported = torch.jit.load(str(out / "saved_model.pt"))
-    result = session.evaluator.evaluate_exported(exported)
-    report["map5_export"] = result["map5"]
-    report["map5_export_per_domain"] = result["map5_per_domain"]
-    report["submission_zip"] = str(zip_path)
-    report["submission_mb"] = round(zip_path.stat().st_size / 2**20, 2)
-    return _write_report(out, report)
+    if report["status"] == "done":
+        export_submission(session.cfg, str(out), str(out), compat=compat)
+        report.update(score_export(session, out))
+    return write_report(out, report)
 
 
-def _write_report(out: Path, report: dict) -> dict:
+def write_report(out: Path, report: dict) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

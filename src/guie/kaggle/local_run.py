@@ -8,16 +8,15 @@ Kaggle cannot show: mP@5 of the untrained model, after each stage, and through t
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import torch
 
 from guie.config import save_config
 from guie.kaggle.notebooks import kernel_config, map_kaggle_paths, plan_kernels, write_kernel
 from guie.kaggle.packaging import dataset_metadata, pack_source
-from guie.pipeline import prepare, stages_of, write_curves
+from guie.pipeline import (prepare, score_export, score_untrained, stages_of,
+                           write_curves, write_report)
 from guie.train.checkpoint import load_checkpoint
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -39,11 +38,9 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
     cwd = Path.cwd()  # relative data roots resolve as they do in-process
     cfg = kernel_config(config_name, overrides)
     session = prepare(cfg)
-    if session.evaluator is None:
-        raise ValueError(f"config {config_name!r} holds out no classes: nothing to score locally")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
-    untrained = session.evaluator.evaluate(session.model, backbone_frozen=True)
+    report = {**score_untrained(session), "notebooks": str(out / "notebooks")}
 
     inputs = out / "kaggle" / "input"
     template = METADATA / "guie-src" / "dataset-metadata.json"
@@ -68,18 +65,10 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
         if env_before is None:
             os.environ.pop("GUIE_NPROC", None)
 
-    report: dict = {"experiment": cfg.name, "notebooks": str(executed),
-                    "map5_untrained": untrained["map5"],
-                    "map5_untrained_per_domain": untrained["map5_per_domain"]}
     for stage in stages_of(cfg):
         metrics = load_checkpoint(out / stage.name / "final.pt")["metrics"]
         report[f"map5_{stage.name}"] = metrics["map5"]
         report[f"map5_{stage.name}_per_domain"] = metrics["map5_per_domain"]
-    exported = session.evaluator.evaluate_exported(torch.jit.load(str(out / "saved_model.pt")))
-    report["map5_export"] = exported["map5"]
-    report["map5_export_per_domain"] = exported["map5_per_domain"]
-    report["submission_zip"] = str(out / "submission.zip")
-    report["status"] = "done"
+    report.update(score_export(session, out), status="done")
     write_curves(out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(out, report)
