@@ -82,6 +82,9 @@ class ModelConfig:
     head: Literal["linear", "multi_dropout", "multisample_dropout", "bn_linear",
                   "identity"] = "linear"
     dropout: float = 0.2
+    # 5th place: the head also sees 3 features of the image's aspect ratio (guie.model.
+    # aspect_features), which the export computes from the input's H and W before resizing.
+    aspect_features: bool = False
     num_branches: int = 20  # multi_dropout branches, or multisample_dropout masks
     dropout_min: float = 0.01
     grad_checkpointing: bool = False

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guie.data.preprocess import Preprocess
-from guie.model import EmbeddingModel
+from guie.model import EmbeddingModel, aspect_features
 from guie.reduction import fold_into_linear
 
 TTA_VIEWS = ("flip", "aspect_crops")
@@ -35,7 +35,7 @@ class SubmissionModel(nn.Module):
     """images [B, 3, H, W] uint8/float 0..255 -> float32 [B, embed_dim], unit norm."""
 
     def __init__(self, preprocess: Preprocess, visual: nn.Module, linear: nn.Linear,
-                 tta: tuple[str, ...] = ()):
+                 tta: tuple[str, ...] = (), aspect: bool = False):
         super().__init__()
         unknown = sorted(set(tta) - set(TTA_VIEWS))
         if unknown:
@@ -46,11 +46,18 @@ class SubmissionModel(nn.Module):
         self.flip: bool = "flip" in tta
         self.aspect_crops: bool = "aspect_crops" in tta
         self.aspect_crop_min_ratio: float = ASPECT_CROP_MIN_RATIO
+        self.aspect_features: bool = aspect  # the head also takes the view's aspect features
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         x = x.to(self.linear.weight.dtype)
-        return self.linear(self.visual(x)).float()
+        feats = self.visual(x)
+        if self.aspect_features:
+            # From this view's H and W before the resize, as the data loader reports them.
+            h = torch.full([images.shape[0]], images.shape[-2], device=feats.device)
+            w = torch.full([images.shape[0]], images.shape[-1], device=feats.device)
+            feats = torch.cat([feats, aspect_features(h, w).to(feats.dtype)], dim=1)
+        return self.linear(feats).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         total = self.embed(images)
@@ -83,7 +90,8 @@ def build_submission_model(model: EmbeddingModel, preprocess: Preprocess,
     linear = copy.deepcopy(model.head.fold())
     if reduction is not None:
         linear = fold_into_linear(linear, *reduction)
-    export = SubmissionModel(copy.deepcopy(preprocess), visual, linear, tta).eval()
+    export = SubmissionModel(copy.deepcopy(preprocess), visual, linear, tta,
+                             aspect=model.aspect_features).eval()
     if fp16_weights:
         # Halve the file (ViT-H: 2.4 -> 1.2 GiB); preprocessing stays fp32 for exact resizing.
         export.visual.half()

@@ -37,7 +37,7 @@ from torch import nn
 from guie.data.preprocess import Preprocess
 from guie.export import (SubmissionModel, build_submission_model, check_contract,
                          write_submission_zip)
-from guie.model import EmbeddingModel
+from guie.model import EmbeddingModel, aspect_features
 
 # torch 1.11's kMaxSupportedFileFormatVersion (caffe2/serialize/versions.h); checked by loading.
 TORCH111_MAX_FILE_FORMAT_VERSION = 9
@@ -254,18 +254,23 @@ class CompatSubmissionModel(nn.Module):
     """`SubmissionModel` in torch 1.11 ops: images uint8/float 0..255 -> float32 [B, D], unit norm."""
 
     def __init__(self, preprocess: CompatPreprocess, visual: CompatVisionTransformer,
-                 linear: nn.Linear):
+                 linear: nn.Linear, aspect: bool = False):
         super().__init__()
         self.preprocess = preprocess
         self.visual = visual
         self.linear_weight = _frozen(linear.weight)
         self.linear_bias = _frozen(linear.bias)
+        self.aspect_features: bool = aspect
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         # fp16 weights compute in fp16 only on CUDA: 1.11 lacks half CPU kernels.
         dtype = self.linear_weight.dtype if x.is_cuda else torch.float32
         x = self.visual(x.to(dtype))
+        if self.aspect_features:
+            h = torch.full([images.shape[0]], images.shape[-2], device=x.device)
+            w = torch.full([images.shape[0]], images.shape[-1], device=x.device)
+            x = torch.cat([x, aspect_features(h, w).to(dtype)], dim=1)
         embeddings = F.linear(x, self.linear_weight.to(dtype), self.linear_bias.to(dtype)).float()
         # F.normalize(dim=-1) written out: its scripted body is fine, this just keeps it local.
         denom = embeddings.norm(2.0, [-1], True).clamp_min(1e-12).expand_as(embeddings)
@@ -282,7 +287,8 @@ def compat_from_submission(export: SubmissionModel) -> CompatSubmissionModel:
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"export_compat: weights in {dtype}; only float32 and float16 load in 1.11")
     compat = CompatSubmissionModel(CompatPreprocess.from_preprocess(export.preprocess),
-                                   CompatVisionTransformer(export.visual), export.linear)
+                                   CompatVisionTransformer(export.visual), export.linear,
+                                   aspect=export.aspect_features)
     return compat.eval()
 
 

@@ -19,6 +19,8 @@ from torch import nn
 from guie.config import TINY_BACKBONE, ExperimentConfig, ModelConfig  # noqa: F401 (re-exported)
 from guie.data.preprocess import Preprocess
 
+# 5th place's head input: the backbone feature plus this many features of the image's shape.
+ASPECT_FEATURES = 3
 
 
 def _register_model_configs() -> None:
@@ -141,6 +143,17 @@ class IdentityHead(nn.Module):
         return folded
 
 
+def aspect_features(heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """[B] image heights and widths in px -> [B, 3]: log(W/H), W/longer side, H/longer side.
+
+    Ratios only, never the size itself: the training loader may decode a JPEG at 1/2..1/8
+    scale, which keeps the aspect ratio (to a pixel of rounding) but not the size. Scriptable,
+    and made of ops torch 1.11 has, so both exports compute it from the input's H and W."""
+    h, w = heights.float(), widths.float()
+    longer = torch.maximum(h, w)
+    return torch.stack([torch.log(w / h), w / longer, h / longer], dim=-1)
+
+
 def build_head(cfg: ModelConfig, feature_dim: int) -> nn.Module:
     if cfg.head == "linear":
         return LinearHead(feature_dim, cfg.embed_dim, cfg.dropout)
@@ -161,16 +174,31 @@ def head_output_dim(cfg: ModelConfig, feature_dim: int) -> int:
 
 
 class EmbeddingModel(nn.Module):
-    """visual backbone -> head -> L2 norm. Takes preprocessed (normalised, resized) images."""
+    """visual backbone -> head -> L2 norm. Takes preprocessed (normalised, resized) images.
 
-    def __init__(self, visual: nn.Module, head: nn.Module, feature_dim: int):
+    With `aspect_features` (5th place) the head's input is the backbone feature followed by
+    `aspect_features` of each image's size before resizing, `sizes_hw` [B, 2] (H, W), which
+    the data loader reports; `features` then returns those feature_dim + 3 columns, so the
+    feature cache stores them too."""
+
+    def __init__(self, visual: nn.Module, head: nn.Module, feature_dim: int,
+                 aspect_features: bool = False):
         super().__init__()
         self.visual = visual
         self.head = head
         self.feature_dim = feature_dim
+        self.aspect_features = aspect_features
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)
+    def features(self, images: torch.Tensor,
+                 sizes_hw: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.visual(images)
+        if not self.aspect_features:
+            return feats
+        if sizes_hw is None:
+            raise ValueError("model.aspect_features: the head needs each image's size before "
+                             "resizing (sizes_hw [B, 2]); the resized batch no longer has it")
+        shape = aspect_features(sizes_hw[:, 0], sizes_hw[:, 1]).to(feats.device, feats.dtype)
+        return torch.cat([feats, shape], dim=1)
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(features.to(self.head_dtype())), dim=-1)
@@ -178,8 +206,9 @@ class EmbeddingModel(nn.Module):
     def head_dtype(self) -> torch.dtype:
         return next(self.head.parameters()).dtype
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed_features(self.features(images))
+    def forward(self, images: torch.Tensor,
+                sizes_hw: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed_features(self.features(images, sizes_hw))
 
 
 def build_visual(cfg: ModelConfig) -> tuple[nn.Module, int]:
@@ -233,10 +262,21 @@ def load_visual_weights(visual: nn.Module, path: str) -> None:
 
 
 def build_model(cfg: ExperimentConfig) -> tuple[EmbeddingModel, Preprocess]:
-    """The embedding model and the preprocessing it must be fed with."""
-    visual, feature_dim = build_visual(cfg.model)
-    head = build_head(cfg.model, feature_dim)
-    return EmbeddingModel(visual, head, feature_dim), Preprocess(cfg.preprocess)
+    """The embedding model and the preprocessing it must be fed with.
+
+    Initial weights are a function of `cfg.seed` alone: a backbone with random weights (tests,
+    local runs) that no stage trains is not in any checkpoint, so the export must rebuild the
+    very same one."""
+    aspect = cfg.model.aspect_features
+    if aspect and cfg.model.head == "identity":
+        raise ValueError("model.aspect_features needs a head that maps them into the embedding; "
+                         "the identity head has none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        visual, feature_dim = build_visual(cfg.model)
+        head = build_head(cfg.model, feature_dim + (ASPECT_FEATURES if aspect else 0))
+    return (EmbeddingModel(visual, head, feature_dim, aspect_features=aspect),
+            Preprocess(cfg.preprocess))
 
 
 def backbone_blocks(model: EmbeddingModel) -> list[nn.Module]:

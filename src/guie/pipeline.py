@@ -183,7 +183,7 @@ def fit_export_reduction(cfg: ExperimentConfig, model: EmbeddingModel,
     train = load_split(cfg.data).train
     images = train.sample(min(len(train), cfg.export.reduction_images), random_state=cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    feats, ok = compute_features(model.visual.to(device), images.reset_index(drop=True),
+    feats, ok = compute_features(model, images.reset_index(drop=True),
                                  EvalTransform(preprocess), 64, cfg.data.num_workers, device,
                                  f"export.reduction={kind} features")
     model.cpu()
@@ -198,7 +198,8 @@ def replace_head_with_linear(model: EmbeddingModel,
     linear = fold_into_linear(model.head.fold(), *reduction)
     head = LinearHead(linear.in_features, linear.out_features, 0.0)
     head.linear = linear
-    return EmbeddingModel(model.visual, head, model.feature_dim).eval()
+    return EmbeddingModel(model.visual, head, model.feature_dim,
+                          aspect_features=model.aspect_features).eval()
 
 
 def score_untrained(session: Session) -> dict:

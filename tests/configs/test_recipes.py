@@ -58,3 +58,31 @@ def test_recipe_trains_and_exports_at_smoke_scale(name, sample_data, tmp_path):
     # export_submission has already run check_contract on the scripted, reloaded file
     with zipfile.ZipFile(zip_path) as zf:
         assert zf.namelist() == ["saved_model.pt"]
+
+
+def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_path):
+    """5th place's head trains on the feature cache, whose rows carry the three aspect-ratio
+    features of each image; the export computes them from the host's input instead. The same
+    held-out mP@5 through both says the two agree image by image."""
+    import json
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from guie.pipeline import run_local
+
+    cfg = smoke_scale(get_config("fifth_place"), sample_data, batches=20)
+    cfg = replace(cfg, stages=(replace(cfg.stages[0], use_feature_cache=True),),
+                  data=replace(cfg.data, heldout_classes=12, distractor_classes=6),
+                  export=replace(cfg.export, tta=()))  # views would make export != eager
+    report = run_local(cfg, str(tmp_path))
+    caches = list((Path(os.environ["GUIE_CACHE_DIR"]) / "feature-cache").glob("*/meta.json"))
+    import open_clip
+    projected_dim = open_clip.get_model_config(TINY_BACKBONE)["embed_dim"]
+    assert [json.loads(m.read_text())["dim"] for m in caches] == [projected_dim + 3]
+    features = np.load(caches[0].with_name("features.npy"))
+    ratio_logs = features[0, :, -3]
+    assert ratio_logs.min() < -0.5 and ratio_logs.max() > 0.5  # tall and wide images both
+    assert report["map5_export"] == pytest.approx(report["map5_head"], abs=1e-6)
+    assert report["map5_head"] != pytest.approx(report["map5_untrained"], abs=1e-3)

@@ -76,19 +76,35 @@ def test_dataset_skips_bad_images(mixed_table):
     messages = " ".join(str(w.message) for w in caught)
     assert "bad.jpg" in messages
     assert f"s.tfrec: record at byte offset {mixed_table['offset'][4] - 12} fails" in messages
-    images, labels, indices, n_bad = collate_skip_bad(items)
+    images, labels, indices, sizes_hw, n_bad = collate_skip_bad(items)
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.tolist() == [1, 3, 5] and labels.dtype == torch.int64
     assert indices.tolist() == [0, 2, 3] and n_bad == 2
+    assert sizes_hw.tolist() == [[30, 40]] * 3  # before the transform resized them
 
-    images, labels, indices, n_bad = collate_skip_bad([None, None])
-    assert images.numel() == 0 and labels.shape == (0,) and indices.dtype == torch.int64
-    assert n_bad == 2
+    batch = collate_skip_bad([None, None])
+    assert batch.images.numel() == 0 and batch.labels.shape == (0,)
+    assert batch.indices.dtype == torch.int64 and batch.sizes_hw.shape == (0, 2)
+    assert batch.n_bad == 2
+
+
+def test_sizes_are_reported_on_the_fast_decode_path_too(mixed_table):
+    """A pixel transform at a reduced JPEG scale: the size is the decoded one, same ratio."""
+    class Pixels32:
+        decode_size = 8  # 40x30 decodes at 1/2 scale (both sides stay >= 8)
+
+        def __call__(self, pixels):
+            return torch.nn.functional.interpolate(pixels[None].float(), size=(32, 32))[0]
+
+    item = ImageDataset(mixed_table.iloc[[0]], transform=Pixels32())[0]
+    h, w = item[3]
+    assert item[0].shape == (3, 32, 32) and w / h == pytest.approx(40 / 30, rel=0.05)
+    assert (h, w) != (30, 40)
 
 
 def test_collate_rejects_mixed_shapes():
-    batch = [(torch.zeros(3, 4, 4, dtype=torch.uint8), 0, 0),
-             (torch.zeros(3, 5, 4, dtype=torch.uint8), 1, 1)]
+    batch = [(torch.zeros(3, 4, 4, dtype=torch.uint8), 0, 0, (4, 4)),
+             (torch.zeros(3, 5, 4, dtype=torch.uint8), 1, 1, (5, 4))]
     with pytest.raises(ValueError, match="different shapes"):
         collate_skip_bad(batch)
 
@@ -107,7 +123,7 @@ def test_dataloader_with_workers(sample_data):
         ImageDataset(df, transform=_resize_32), batch_size=16, num_workers=2,
         collate_fn=collate_skip_bad)
     seen = []
-    for images, labels, indices, n_bad in loader:
+    for images, labels, indices, _, n_bad in loader:
         assert n_bad == 0 and images.shape[1:] == (3, 32, 32)
         np.testing.assert_array_equal(labels.numpy(), df["label"].to_numpy()[indices.numpy()])
         seen += indices.tolist()

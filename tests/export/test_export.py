@@ -97,8 +97,13 @@ def _eager_views(model, preprocess, pixels, tta):
         views += [pixels[..., :s], pixels[..., w - s:]] if w > h else \
             [pixels[..., :s, :], pixels[..., h - s:, :]]
     with torch.no_grad():
-        outs = [model.head.fold()(model.features(preprocess(v))) for v in views]
+        outs = [model.head.fold()(model.features(preprocess(v), _sizes(v))) for v in views]
     return torch.nn.functional.normalize(torch.stack(outs).mean(0), dim=-1)
+
+
+def _sizes(pixels):
+    """[B, 2] (H, W) of a batch of unresized images, as the data loader reports them."""
+    return torch.tensor([list(pixels.shape[-2:])] * pixels.shape[0])
 
 
 @pytest.mark.parametrize("tta", [("flip",), ("flip", "aspect_crops")])
@@ -120,6 +125,52 @@ def test_scripted_tta_equals_eager_tta(tmp_path, tta):
         assert torch.allclose(got, _eager_views(model, preprocess, pixels, tta), atol=1e-5)
 
 
+ASPECT = replace(TINY, model=replace(TINY.model, head="bn_linear", aspect_features=True))
+
+
+def _with_random_norm_stats(model):
+    """BatchNorm statistics and a head weight on the aspect columns that are not identities,
+    so the fold and the three features both matter."""
+    with torch.no_grad():
+        norm = model.head.norm
+        norm.running_mean.copy_(torch.randn_like(norm.running_mean))
+        norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.5)
+        model.head.linear.weight[:, -3:] = torch.randn(64, 3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tta", [(), ("flip", "aspect_crops")])
+def test_aspect_features_come_from_the_inputs_size(tmp_path, tta):
+    """5th place's head: the export computes the three features from the input's H and W
+    before resizing, as the eager model gets them from the data loader; views use their own."""
+    torch.manual_seed(0)
+    model, preprocess = build_model(ASPECT)
+    assert model.head.norm.num_features == model.feature_dim + 3
+    _with_random_norm_stats(model)
+    export_submission_zip(model, preprocess, tmp_path, tta=tta)  # checks the contract
+    scripted = torch.jit.load(str(tmp_path / "saved_model.pt"))
+    for shape in ((1, 3, 60, 150), (1, 3, 150, 60), (2, 3, 64, 70), (1, 3, 97, 1)):
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8)
+        with torch.no_grad():
+            got = scripted(pixels)
+            eager = _eager_views(model, preprocess, pixels, tta)
+            square = model(preprocess(pixels), torch.full((shape[0], 2), 64))
+        assert torch.allclose(got, eager, atol=1e-5), shape
+        if not tta and shape[-1] != shape[-2]:  # the size is what changed: it is used
+            assert (got - square).abs().max() > 1e-3, shape
+    with pytest.raises(ValueError, match="size before resizing"):
+        model(preprocess(pixels))
+
+
+def test_aspect_features_are_scale_free():
+    from guie.model import aspect_features
+
+    feats = aspect_features(torch.tensor([30, 300, 40]), torch.tensor([40, 400, 30]))
+    assert torch.allclose(feats[0], feats[1])
+    assert torch.allclose(feats[0], torch.tensor([float(np.log(4 / 3)), 1.0, 0.75]), atol=1e-6)
+    assert torch.allclose(feats[2], torch.tensor([-float(np.log(4 / 3)), 0.75, 1.0]), atol=1e-6)
+
+
 def test_pca_reduced_export_equals_eager_reduction(tmp_path):
     from guie.reduction import fit_reduction
 
@@ -138,12 +189,13 @@ def test_pca_reduced_export_equals_eager_reduction(tmp_path):
 
 
 def test_every_export_option_passes_the_contract_in_a_fresh_process(tmp_path):
-    """TTA, a folded reduction, a bn_linear head and overlapping patches at a higher resolution,
-    reloaded by a process that cannot import guie."""
+    """TTA, a folded reduction, a bn_linear head with aspect features and overlapping patches
+    at a higher resolution, reloaded by a process that cannot import guie."""
     from guie.model import set_resolution
     from guie.reduction import fit_reduction
 
-    cfg = replace(TINY, model=replace(TINY.model, head="bn_linear", embed_dim=128))
+    cfg = replace(TINY, model=replace(TINY.model, head="bn_linear", embed_dim=128,
+                                      aspect_features=True))
     model, preprocess = build_model(cfg)
     set_resolution(model, preprocess, 80, 6)
     model.eval()

@@ -48,6 +48,8 @@ class Variant:
     preprocess: PreprocessConfig
     fp16_weights: bool = False
     vision_overrides: tuple = ()  # extra open_clip vision_cfg keys (features ViT-H lacks)
+    head: str = "multi_dropout"
+    aspect_features: bool = False  # 5th place's head input
 
 
 TINY = dict(image_size=64)
@@ -58,14 +60,16 @@ VARIANTS = {
     "fp16-noaa": Variant(True, PreprocessConfig(**TINY, antialias=False), fp16_weights=True),
     "layerscale-avgpool": Variant(True, PreprocessConfig(**TINY), vision_overrides=(
         ("ls_init_value", 0.5), ("pool_type", "avg"), ("final_ln_after_pool", True))),
+    "aspect-bn-linear": Variant(True, PreprocessConfig(**TINY, resize_mode="shorter_crop"),
+                                head="bn_linear", aspect_features=True),
 }
 
 
 def _build(variant: Variant) -> tuple[EmbeddingModel, Preprocess]:
     torch.manual_seed(0)
     cfg = ExperimentConfig(preprocess=variant.preprocess, model=ModelConfig(
-        backbone=TINY_BACKBONE, use_projection=variant.use_projection, head="multi_dropout",
-        num_branches=3))
+        backbone=TINY_BACKBONE, use_projection=variant.use_projection, head=variant.head,
+        num_branches=3, aspect_features=variant.aspect_features))
     model, preprocess = build_model(cfg)
     if variant.vision_overrides:
         model_cfg = open_clip.get_model_config(TINY_BACKBONE)
@@ -187,7 +191,8 @@ def test_compat_export_matches_eager_and_contract(exports, name):
     check_contract(loaded, embed_dim=model.head.fold().out_features)
 
 
-@pytest.mark.parametrize("name", ["proj-squash-bicubic", "noproj-crop-bilinear"])
+@pytest.mark.parametrize("name", ["proj-squash-bicubic", "noproj-crop-bilinear",
+                                  "aspect-bn-linear"])
 def test_compat_export_agrees_with_default_export(exports, name, tmp_path):
     """Both exports start from the same Preprocess / SubmissionModel: a change to either that
     the compat rebuild does not mirror shows up here."""

@@ -98,7 +98,7 @@ def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Fi
     with torch.no_grad():  # setup, untimed: the cache (view 0, the plain preprocessing)
         loader = DataLoader(ImageDataset(df, EvalTransform(preprocess)), batch_size=64,
                             collate_fn=collate_skip_bad)
-        feats = torch.cat([model.visual(images) for images, _, _, _ in loader])
+        feats = torch.cat([model.visual(batch.images) for batch in loader])
     cache = write_cache(workdir / "tiny-features.npy", feats.numpy())
 
     def cached_epoch():
@@ -114,12 +114,12 @@ def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Fi
         loader = DataLoader(images, batch_sampler=BatchSampler(order, 0, steps),
                             collate_fn=collate_skip_bad, generator=torch.Generator())
         spent = 0.0
-        for pixels, y, _, _ in loader:
+        for batch in loader:
             start = time.perf_counter()
             with torch.no_grad():
-                features = model.visual(pixels)
+                features = model.visual(batch.images)
             spent += time.perf_counter() - start
-            step(features, y)
+            step(features, batch.labels)
         backbone_s.append(spent)
 
     paired = interleaved(cached_epoch, image_epoch, repeats)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,8 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Rows of a sources table (path, offset, length, label) as (image, label, row index).
+    """Rows of a sources table (path, offset, length, label) as (image, label, row index,
+    (H, W) of the decoded image before the transform: 5th place's aspect-ratio features).
 
     `transform` turns a PIL image into a tensor (default: uint8 [3, H, W] at its own size).
     Batching with `collate_skip_bad` stacks the tensors, so the transform must give them one
@@ -89,7 +91,7 @@ class ImageDataset(torch.utils.data.Dataset):
         off = int(self.offsets[i])
         return str(self.paths[i]) if off < 0 else f"{self.paths[i]} @ byte offset {off}"
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, tuple[int, int]] | None:
         where = self.where(i)
         try:
             data = read_bytes(str(self.paths[i]), int(self.offsets[i]), int(self.lengths[i]),
@@ -103,17 +105,30 @@ class ImageDataset(torch.utils.data.Dataset):
             msg = str(e) if str(self.paths[i]) in str(e) else f"{where}: {e}"
             warnings.warn(f"skipping a bad image: {msg}", DataWarning, stacklevel=2)
             return None
-        return self.transform(img), int(self.labels[i]), int(i)
+        # PIL's size is (W, H); a pixel tensor is [3, H, W]. At a reduced decode scale this is
+        # the reduced size: the same aspect ratio, to a pixel of rounding.
+        size_hw = (img.size[1], img.size[0]) if isinstance(img, Image.Image) else \
+            (int(img.shape[-2]), int(img.shape[-1]))
+        return self.transform(img), int(self.labels[i]), int(i), size_hw
 
 
-def collate_skip_bad(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(images [B, ...], labels int64 [B], row indices int64 [B], number of bad items dropped).
-    An all-bad batch gives empty tensors (images of shape [0])."""
+class Batch(NamedTuple):
+    images: torch.Tensor  # [B, ...] as the transform made them
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # int64 [B], rows of the dataset
+    sizes_hw: torch.Tensor  # int64 [B, 2], each image's (H, W) before the transform
+    n_bad: int  # items dropped as unreadable
+
+
+def collate_skip_bad(batch) -> Batch:
+    """Stack the readable items of a batch. An all-bad batch gives empty tensors (images of
+    shape [0])."""
     good = [b for b in batch if b is not None]
     n_bad = len(batch) - len(good)
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
-        return torch.empty(0, dtype=torch.uint8), empty, empty.clone(), n_bad
+        return Batch(torch.empty(0, dtype=torch.uint8), empty, empty.clone(),
+                     torch.empty(0, 2, dtype=torch.int64), n_bad)
     shapes = {tuple(b[0].shape) for b in good}
     if len(shapes) > 1:
         raise ValueError(f"transform returned tensors of different shapes {sorted(shapes)}; "
@@ -121,4 +136,5 @@ def collate_skip_bad(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
     indices = torch.tensor([b[2] for b in good], dtype=torch.int64)
-    return images, labels, indices, n_bad
+    sizes_hw = torch.tensor([b[3] for b in good], dtype=torch.int64)
+    return Batch(images, labels, indices, sizes_hw, n_bad)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from guie.data.augment import EvalTransform
@@ -26,10 +25,11 @@ class Evaluator:
         """Drop the cached frozen-backbone features (the backbone or its input size changed)."""
         self._frozen_features = None
 
-    def backbone_features(self, visual: nn.Module):
-        q, q_ok = compute_features(visual, self.query, self.transform, self.batch_size,
+    def backbone_features(self, model: EmbeddingModel):
+        """The head's inputs for queries and index (`compute_features`)."""
+        q, q_ok = compute_features(model, self.query, self.transform, self.batch_size,
                                    self.num_workers, self.device, "eval queries")
-        i, i_ok = compute_features(visual, self.index, self.transform, self.batch_size,
+        i, i_ok = compute_features(model, self.index, self.transform, self.batch_size,
                                    self.num_workers, self.device, "eval index")
         return q, q_ok, i, i_ok
 
@@ -39,7 +39,7 @@ class Evaluator:
         if backbone_frozen and self._frozen_features is not None:
             q, q_ok, i, i_ok = self._frozen_features
         else:
-            q, q_ok, i, i_ok = self.backbone_features(model.visual)
+            q, q_ok, i, i_ok = self.backbone_features(model)
             if backbone_frozen:
                 self._frozen_features = (q, q_ok, i, i_ok)
         was_training = model.training

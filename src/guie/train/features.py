@@ -16,22 +16,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from guie.data.dataset import ImageDataset, collate_skip_bad
+from guie.model import EmbeddingModel
 from guie.train import dist
 from guie.train.amp import inference_autocast
 from guie.train.order import SeededDataset
 
 
 @torch.no_grad()
-def compute_features(visual: nn.Module, df: pd.DataFrame, transform, batch_size: int,
+def compute_features(model: EmbeddingModel, df: pd.DataFrame, transform, batch_size: int,
                      num_workers: int, device: torch.device, desc: str = "features",
                      seed: int | None = None, feature_dtype=torch.float32,
                      progress: bool = True):
-    """Features [N, D] of every row, with a validity mask [N] (corrupt images are False)."""
+    """The head's inputs [N, D] of every row (`EmbeddingModel.features`: the backbone feature,
+    plus the aspect-ratio features if the model takes them), with a validity mask [N]
+    (corrupt images are False). Runs the backbone on `device`."""
     dataset = ImageDataset(df, transform)
     if seed is not None:
         dataset = SeededDataset(dataset)
@@ -43,18 +45,18 @@ def compute_features(visual: nn.Module, df: pd.DataFrame, transform, batch_size:
                         collate_fn=collate_skip_bad, generator=torch.Generator())
     out: torch.Tensor | None = None
     valid = torch.zeros(len(df), dtype=torch.bool)
-    visual.eval()
+    model.visual.to(device).eval()
     autocast = inference_autocast(device)
-    for images, _, indices, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                                      disable=not progress):
-        if len(indices) == 0:
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        if len(batch.indices) == 0:
             continue
         with autocast:
-            feats = visual(images.to(device, non_blocking=True)).float().cpu()
+            feats = model.features(batch.images.to(device, non_blocking=True),
+                                   batch.sizes_hw).float().cpu()
         if out is None:
             out = torch.zeros(len(df), feats.shape[1], dtype=feature_dtype)
-        out[indices] = feats.to(feature_dtype)
-        valid[indices] = True
+        out[batch.indices] = feats.to(feature_dtype)
+        valid[batch.indices] = True
     if out is None:
         raise ValueError(f"{desc}: not one of {len(df)} images could be read")
     return out, valid
@@ -75,10 +77,11 @@ class FeatureCache:
     path: Path
 
 
-def build_feature_cache(visual: nn.Module, df: pd.DataFrame, transforms: list, key: str,
+def build_feature_cache(model: EmbeddingModel, df: pd.DataFrame, transforms: list, key: str,
                         cache_dir: str | Path, batch_size: int, num_workers: int,
                         device: torch.device, chunk_rows: int = 4096) -> FeatureCache:
-    """Cache features of every row under each transform (view 0 is the plain preprocessing)."""
+    """Cache the head's inputs (`compute_features`) of every row under each transform (view 0 is
+    the plain preprocessing)."""
     folder = Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
@@ -88,7 +91,7 @@ def build_feature_cache(visual: nn.Module, df: pd.DataFrame, transforms: list, k
     rank, world = dist.rank(), dist.world_size()
     feat_path = folder / "features.npy"
     if dist.is_main() and not feat_path.exists():
-        probe, _ = compute_features(visual, df.iloc[:1], transforms[0], 1, 0, device, "probe")
+        probe, _ = compute_features(model, df.iloc[:1], transforms[0], 1, 0, device, "probe")
         dim = probe.shape[1]
         tmp = folder / "features.tmp.npy"
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(views, n, dim)).flush()
@@ -107,7 +110,7 @@ def build_feature_cache(visual: nn.Module, df: pd.DataFrame, transforms: list, k
                    dynamic_ncols=True, disable=not dist.is_main())
         while done < hi:
             stop = min(done + chunk_rows, hi)
-            chunk, ok = compute_features(visual, df.iloc[done:stop], transform, batch_size,
+            chunk, ok = compute_features(model, df.iloc[done:stop], transform, batch_size,
                                          num_workers, device, "chunk", seed=view * n + done,
                                          progress=False)
             feats[view, done:stop] = chunk.numpy().astype(np.float16)

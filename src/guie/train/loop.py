@@ -52,11 +52,12 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.loss_fn, self.from_features = model, loss_fn, from_features
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, margin_rad: float):
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, margin_rad: float,
+                sizes_hw: torch.Tensor | None = None):
         if self.from_features:
             embeddings = self.model.embed_features(inputs)
         else:
-            embeddings = self.model(inputs)
+            embeddings = self.model(inputs, sizes_hw)
         # A multisample-dropout head returns K stacked outputs per input: one loss over all K.
         labels = labels.repeat(embeddings.shape[0] // labels.shape[0])
         return self.loss_fn(embeddings, labels, margin_rad)
@@ -119,7 +120,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     rank, world = dist.rank(), dist.world_size()
     if from_cache:
         cache = build_feature_cache(
-            model.visual, train_df, _cache_transforms(stage, preprocess),
+            model, train_df, _cache_transforms(stage, preprocess),
             cache_key({"backbone": cfg.model, "preprocess": cfg.preprocess, "views":
                        stage.cache_views, "augment": stage.augment, "seed": cfg.seed,
                        "resolution": (stage.image_size_px, stage.patch_stride_px),
@@ -204,13 +205,14 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     bar = tqdm(total=total_batches, initial=start, desc=stage.name, dynamic_ncols=True,
                disable=not dist.is_main())
     b = start
-    for b, (inputs, labels) in enumerate(batches, start=start):
+    for b, (inputs, sizes_hw, labels) in enumerate(batches, start=start):
         step = b // stage.grad_accum
         margin = margin_at(stage, cfg.loss, b / batches_per_epoch)
         loss_value = float("nan")  # a batch whose every image was corrupt (already warned)
         if len(labels):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin)
+                loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin,
+                              sizes_hw)
             scaler.scale(loss / stage.grad_accum).backward()
             loss_value = loss.item()
         if (b + 1) % stage.grad_accum == 0:
@@ -274,7 +276,8 @@ def _cache_transforms(stage: StageConfig, preprocess: Preprocess) -> list:
 
 def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, preprocess,
              num_workers):
-    """(inputs, labels) per micro-batch: cached features, or decoded and augmented images."""
+    """(inputs, sizes_hw, labels) per micro-batch: cached features (the sizes are in them
+    already: None), or decoded and augmented images with their sizes before the transform."""
     if from_cache:
         labels = torch.from_numpy(cache.labels)
         for b in range(start, stop):
@@ -282,7 +285,7 @@ def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, prepr
             idx = rows[picks]
             views = seeds % cache.features.shape[0]
             feats = torch.from_numpy(np.asarray(cache.features[views, idx], dtype=np.float32))
-            yield feats, labels[idx]
+            yield feats, None, labels[idx]
         return
     dataset = SeededDataset(ImageDataset(train_df.reset_index(drop=True),
                                          TrainTransform(stage.augment, preprocess)))
@@ -291,8 +294,8 @@ def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, prepr
                         generator=torch.Generator(),  # keep the global RNG untouched
                         pin_memory=torch.cuda.is_available(),
                         persistent_workers=num_workers > 0)
-    for images, labels, _, _ in loader:
-        yield images, labels
+    for batch in loader:
+        yield batch.images, batch.sizes_hw, batch.labels
 
 
 def _time_is_up(started: float, max_hours: float, world: int, device: torch.device) -> bool:
