@@ -154,6 +154,11 @@ class ExportConfig:
     # Other training output folders of this same config whose weights are averaged with this
     # one's (a model soup, 4th place).
     soup: tuple[str, ...] = ()
+    # Training output folders of other experiments (each holds its config.json) whose models
+    # run beside this one in the export: each model's unit embedding, concatenated, then
+    # `reduction` fitted on the concatenation (4th place: ViT-L-14-336 beside ViT-H-14, PCA
+    # to 64). `tta` and `fp16_weights` apply to every model.
+    concat: tuple[str, ...] = ()
     # Test-time views inside forward, averaged before the L2 norm: "flip" (horizontal), and
     # "aspect_crops" (5th place: the two ends of an elongated image as extra square views).
     tta: tuple[str, ...] = ()

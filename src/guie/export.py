@@ -6,13 +6,16 @@ pipeline does before the backbone (resize, /255, mean/std) lives inside `forward
 very `Preprocess` module used for validation. Output: float32 [B, 64], L2-normalised.
 
 The head and any reduction to 64 (`guie.reduction`) are folded into one Linear. Test-time views
-(flip, aspect-ratio crops) run inside `forward` and are averaged before the L2 norm.
+(flip, aspect-ratio crops) run inside `forward` and are averaged before the L2 norm. Several
+trained models can run side by side (`ConcatSubmissionModel`, 4th place): their unit embeddings
+concatenated, then the reduction, then the L2 norm.
 """
 from __future__ import annotations
 
 import copy
 import zipfile
 from pathlib import Path
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +79,23 @@ class SubmissionModel(nn.Module):
                 total = total + self.embed(ends[0]) + self.embed(ends[1])
                 views += 2
         return F.normalize(total / views, dim=-1)
+
+
+class ConcatSubmissionModel(nn.Module):
+    """images -> each tower's unit embedding (its own preprocessing, backbone, head and views),
+    concatenated -> the reduction -> L2 norm. The towers' norms keep one backbone from
+    outweighing the other in the reduction, which is why it cannot fold into their heads."""
+
+    def __init__(self, towers: list[SubmissionModel], reduction: nn.Linear):
+        super().__init__()
+        self.towers = nn.ModuleList(towers)
+        self.reduction = reduction
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        parts: List[torch.Tensor] = []
+        for tower in self.towers:
+            parts.append(tower(images))
+        return F.normalize(self.reduction(torch.cat(parts, dim=1)), dim=-1)
 
 
 def build_submission_model(model: EmbeddingModel, preprocess: Preprocess,
@@ -149,8 +169,41 @@ def export_submission_zip(model: EmbeddingModel, preprocess: Preprocess, out_dir
                           reduction: tuple[torch.Tensor, torch.Tensor] | None = None,
                           tta: tuple[str, ...] = ()) -> Path:
     """Script, save, reload and contract-check; returns the path to submission.zip."""
-    out_dir = Path(out_dir)
     export = build_submission_model(model, preprocess, fp16_weights, reduction, tta)
+    return save_checked_zip(export, out_dir, embed_dim=export.linear.out_features)
+
+
+def build_concat_model(towers: list[tuple[EmbeddingModel, Preprocess]],
+                       reduction: tuple[torch.Tensor, torch.Tensor] | None,
+                       fp16_weights: bool = False,
+                       tta: tuple[str, ...] = ()) -> ConcatSubmissionModel:
+    """Towers side by side; `reduction` (W, b) maps their concatenated unit embeddings, None
+    keeps the concatenation as it is."""
+    parts = [build_submission_model(model, pre, fp16_weights, tta=tta) for model, pre in towers]
+    total = sum(part.linear.out_features for part in parts)
+    weight, bias = reduction if reduction is not None else (torch.eye(total), torch.zeros(total))
+    if weight.shape[1] != total:
+        raise ValueError(f"export.concat: the reduction takes {weight.shape[1]} inputs but the "
+                         f"towers give {total}")
+    linear = nn.Linear(total, weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return ConcatSubmissionModel(parts, linear.requires_grad_(False)).eval()
+
+
+def export_concat_submission_zip(towers: list[tuple[EmbeddingModel, Preprocess]],
+                                 out_dir: str | Path,
+                                 reduction: tuple[torch.Tensor, torch.Tensor] | None,
+                                 fp16_weights: bool = False, tta: tuple[str, ...] = ()) -> Path:
+    """Like `export_submission_zip`, for several trained models side by side."""
+    export = build_concat_model(towers, reduction, fp16_weights, tta)
+    return save_checked_zip(export, out_dir, embed_dim=export.reduction.out_features)
+
+
+def save_checked_zip(export: nn.Module, out_dir: str | Path, embed_dim: int) -> Path:
+    """Script and save `out_dir/saved_model.pt`, reload it, check the contract, then zip it."""
+    out_dir = Path(out_dir)
     saved = script_and_save(export, out_dir / "saved_model.pt")
-    check_contract(torch.jit.load(str(saved)), embed_dim=export.linear.out_features)
+    check_contract(torch.jit.load(str(saved)), embed_dim=embed_dim)
     return write_submission_zip(saved, out_dir / "submission.zip")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from guie.config import ExperimentConfig, StageConfig, save_config
+from guie.config import ExperimentConfig, StageConfig, load_config, save_config
 from guie.data.augment import EvalTransform
 from guie.data.preprocess import Preprocess
 from guie.data.sources import Split, load_split
@@ -78,6 +78,8 @@ def run_training(session: Session, out_dir: Path, resume: bool = True,
     """All enabled stages in order; returns {"status", "map5_<stage>", ...}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():  # what `export.concat` and `export.soup` read back
+        save_config(session.cfg, out_dir / "config.json")
     report: dict = {"status": "done"}
     started = time.monotonic()
     for stage in stages_of(session.cfg):
@@ -137,19 +139,27 @@ def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
     """Export a trained model as `out_dir/submission.zip` after checking the contract.
 
     Soup ingredients (`export.soup`) are averaged in, then the reduction is fitted and folded.
+    With `export.concat` the other runs' models join this one side by side (`export_concat`).
     """
-    model, preprocess = load_trained(cfg, checkpoint)
-    if cfg.export.soup:
-        average_into(model, [load_trained(cfg, run)[0] for run in cfg.export.soup])
+    model, preprocess = load_souped(cfg, checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compat = compat if compat != "none" else cfg.export.compat
+    if compat not in ("none", "torch1.11"):
+        raise ValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
+    if cfg.export.concat:
+        zip_path = export_concat(cfg, (model, preprocess), out, compat)
+    else:
+        zip_path = _export_one(cfg, model, preprocess, out, compat)
+    save_config(replace(cfg, export=replace(cfg.export, compat=compat)), out / "export-config.json")
+    return zip_path
+
+
+def _export_one(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Preprocess,
+                out: Path, compat: str) -> Path:
     reduction = fit_export_reduction(cfg, model, preprocess)
     out_dim = model.head.fold().out_features if reduction is None else cfg.export.reduction_dim
-    if out_dim != SUBMISSION_DIM:
-        raise ValueError(f"export: the embeddings are {out_dim}-d but the competition takes "
-                         f"{SUBMISSION_DIM}: set export.reduction (pca, whiten, avg_pool) with "
-                         f"reduction_dim={SUBMISSION_DIM}, or model.embed_dim={SUBMISSION_DIM}")
+    _check_submission_dim(out_dim)
     if compat == "torch1.11":
         if cfg.export.tta:
             raise ValueError(f"export.tta={list(cfg.export.tta)}: the torch1.11 export does not "
@@ -157,39 +167,109 @@ def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
         from guie.export_compat import export_compat_submission_zip
         if reduction is not None:
             model = replace_head_with_linear(model, reduction)
-        zip_path = export_compat_submission_zip(model, preprocess, out,
-                                                fp16_weights=cfg.export.fp16_weights)
-    elif compat == "none":
-        from guie.export import export_submission_zip
-        zip_path = export_submission_zip(model, preprocess, out,
-                                         fp16_weights=cfg.export.fp16_weights,
-                                         reduction=reduction, tta=cfg.export.tta)
-    else:
-        raise ValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
-    save_config(replace(cfg, export=replace(cfg.export, compat=compat)), out / "export-config.json")
-    return zip_path
+        return export_compat_submission_zip(model, preprocess, out,
+                                            fp16_weights=cfg.export.fp16_weights)
+    from guie.export import export_submission_zip
+    return export_submission_zip(model, preprocess, out, fp16_weights=cfg.export.fp16_weights,
+                                 reduction=reduction, tta=cfg.export.tta)
+
+
+def _check_submission_dim(out_dim: int) -> None:
+    if out_dim != SUBMISSION_DIM:
+        raise ValueError(f"export: the embeddings are {out_dim}-d but the competition takes "
+                         f"{SUBMISSION_DIM}: set export.reduction (pca, whiten, avg_pool) with "
+                         f"reduction_dim={SUBMISSION_DIM}, or model.embed_dim={SUBMISSION_DIM}")
+
+
+def load_souped(cfg: ExperimentConfig, checkpoint: str | Path) -> tuple[EmbeddingModel,
+                                                                        Preprocess]:
+    """`load_trained`, with the weights of the `export.soup` runs averaged in."""
+    model, preprocess = load_trained(cfg, checkpoint)
+    if cfg.export.soup:
+        average_into(model, [load_trained(cfg, run)[0] for run in cfg.export.soup])
+    return model, preprocess
+
+
+def run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a training output folder was trained with."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json; expected a training output folder "
+                                "(`submit.py train --out` or `local --out`)")
+    return load_config(path)
+
+
+def export_concat(cfg: ExperimentConfig, first: tuple[EmbeddingModel, Preprocess], out: Path,
+                  compat: str) -> Path:
+    """4th place: this run's model beside each `export.concat` run's (each with its own config,
+    input size and soup), their unit embeddings concatenated and reduced to 64 by
+    `export.reduction` fitted on the concatenation. `export.tta` and `fp16_weights` apply to
+    every tower."""
+    if compat != "none":
+        raise ValueError("export.concat: the torch1.11 export holds one backbone; export with "
+                         "compat=none or concat=[]")
+    towers = [first]
+    for run in cfg.export.concat:
+        towers.append(load_souped(run_config(run), run))
+    reduction = fit_concat_reduction(cfg, towers)
+    width = sum(model.head.fold().out_features for model, _ in towers)
+    _check_submission_dim(width if reduction is None else cfg.export.reduction_dim)
+    from guie.export import export_concat_submission_zip
+    return export_concat_submission_zip(towers, out, reduction, cfg.export.fp16_weights,
+                                        cfg.export.tta)
+
+
+def reduction_sample(cfg: ExperimentConfig) -> pd.DataFrame:
+    """The training images a reduction is fitted on (the same ones for a given seed)."""
+    train = load_split(cfg.data).train
+    return train.sample(min(len(train), cfg.export.reduction_images),
+                        random_state=cfg.seed).reset_index(drop=True)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fit_export_reduction(cfg: ExperimentConfig, model: EmbeddingModel,
                          preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(W, b) of `export.reduction`, fitted on the head's outputs for up to `reduction_images`
-    training images (the same ones for a given seed), or None."""
+    training images, or None."""
     kind, dim = cfg.export.reduction, cfg.export.reduction_dim
     if kind == "none":
         return None
     in_dim = model.head.fold().out_features
     if kind == "avg_pool":
         return fit_reduction(kind, dim, input_dim=in_dim)
-    train = load_split(cfg.data).train
-    images = train.sample(min(len(train), cfg.export.reduction_images), random_state=cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    feats, ok = compute_features(model, images.reset_index(drop=True),
-                                 EvalTransform(preprocess), 64, cfg.data.num_workers, device,
+    feats, ok = compute_features(model, reduction_sample(cfg), EvalTransform(preprocess), 64,
+                                 cfg.data.num_workers, _device(),
                                  f"export.reduction={kind} features")
     model.cpu()
     with torch.no_grad():
         embeddings = model.eval().head(feats[ok].to(model.head_dtype()))
     return fit_reduction(kind, dim, embeddings.float())
+
+
+def fit_concat_reduction(cfg: ExperimentConfig, towers: list[tuple[EmbeddingModel, Preprocess]]
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of `export.reduction` over the towers' concatenated unit embeddings of the same
+    training images (those every tower could read), or None."""
+    kind, dim = cfg.export.reduction, cfg.export.reduction_dim
+    if kind == "none":
+        return None
+    if kind == "avg_pool":
+        width = sum(model.head.fold().out_features for model, _ in towers)
+        return fit_reduction(kind, dim, input_dim=width)
+    images = reduction_sample(cfg)
+    parts, all_ok = [], torch.ones(len(images), dtype=torch.bool)
+    for i, (model, preprocess) in enumerate(towers):
+        feats, ok = compute_features(model, images, EvalTransform(preprocess), 64,
+                                     cfg.data.num_workers, _device(),
+                                     f"export.concat tower {i} features")
+        model.cpu()
+        with torch.no_grad():
+            parts.append(model.eval().embed_features(feats).float())
+        all_ok &= ok
+    return fit_reduction(kind, dim, torch.cat(parts, dim=1)[all_ok])
 
 
 def replace_head_with_linear(model: EmbeddingModel,
@@ -232,7 +312,6 @@ def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     session = prepare(cfg)
-    save_config(session.cfg, out / "config.json")
     report = score_untrained(session)
     report.update(run_training(session, out, resume=resume))
     if report["status"] == "done":

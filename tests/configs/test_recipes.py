@@ -86,3 +86,28 @@ def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_
     assert ratio_logs.min() < -0.5 and ratio_logs.max() > 0.5  # tall and wide images both
     assert report["map5_export"] == pytest.approx(report["map5_head"], abs=1e-6)
     assert report["map5_head"] != pytest.approx(report["map5_untrained"], abs=1e-3)
+
+
+def test_fourth_place_concatenates_its_vit_l_run(sample_data, tmp_path):
+    """4th place's ViT-H and ViT-L runs (here both tiny, the second at a larger input size as
+    ViT-L-14-336 is) side by side in one export, PCA to 64 fitted on the concatenation."""
+    import torch
+
+    vit_h = smoke_scale(get_config("fourth_place"), sample_data)
+    vit_l = smoke_scale(get_config("fourth_place_vit_l"), sample_data)
+    vit_l = replace(vit_l, stages=tuple(replace(s, image_size_px=96) for s in vit_l.stages))
+    assert train(vit_h, str(tmp_path / "vit-h"))["status"] == "done"
+    assert train(vit_l, str(tmp_path / "vit-l"))["status"] == "done"
+
+    both = replace(vit_h, export=replace(vit_h.export, concat=(str(tmp_path / "vit-l"),)))
+    export_submission(both, str(tmp_path / "vit-h"), str(tmp_path / "export"))  # contract checked
+    state = torch.jit.load(str(tmp_path / "export" / "saved_model.pt")).state_dict()
+    assert state["reduction.weight"].shape == (64, 256 + 256)
+    grids = [state[f"towers.{i}.visual.positional_embedding"].shape[0] for i in (0, 1)]
+    assert grids == [(64 // 8) ** 2 + 1, (96 // 8) ** 2 + 1]  # each tower at its own size
+
+    with pytest.raises(ValueError, match="torch1.11 export holds one backbone"):
+        export_submission(both, str(tmp_path / "vit-h"), str(tmp_path / "x"), compat="torch1.11")
+    missing = replace(vit_h, export=replace(vit_h.export, concat=(str(tmp_path / "nowhere"),)))
+    with pytest.raises(FileNotFoundError, match="nowhere: no config.json"):
+        export_submission(missing, str(tmp_path / "vit-h"), str(tmp_path / "x"))

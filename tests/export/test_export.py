@@ -212,3 +212,40 @@ def test_every_export_option_passes_the_contract_in_a_fresh_process(tmp_path):
     for name, v in out.items():
         assert v.shape[1] == 64 and v.dtype == np.float32, name
         np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3, err_msg=name)
+
+
+def test_concat_export_equals_eager_concatenation(tmp_path):
+    """4th place's two towers: each with its own input size, head and width; their unit
+    embeddings concatenated, PCA fitted on the concatenation, the result L2-normalised."""
+    from guie.export import export_concat_submission_zip
+    from guie.reduction import fit_reduction
+
+    first, first_pre = build_model(ASPECT)
+    from guie.model import set_resolution
+
+    second, second_pre = build_model(replace(TINY, seed=1, model=replace(
+        TINY.model, head="linear", embed_dim=96)))
+    set_resolution(second, second_pre, 48, 0)
+    towers = [(_with_random_norm_stats(first), first_pre), (second.eval(), second_pre)]
+    images = torch.randint(0, 256, (180, 3, 64, 80), dtype=torch.uint8)
+
+    def unit_embeddings(pixels):
+        with torch.no_grad():
+            return torch.cat([m(p(pixels), _sizes(pixels)) for m, p in towers], dim=1)
+
+    w, b = fit_reduction("pca", 64, unit_embeddings(images))
+    assert w.shape == (64, 64 + 96)
+    export_concat_submission_zip(towers, tmp_path, (w, b))  # checks the contract
+    scripted = torch.jit.load(str(tmp_path / "saved_model.pt"))
+    for pixels in (images[:2], torch.randint(0, 256, (1, 3, 150, 60), dtype=torch.uint8)):
+        eager = torch.nn.functional.normalize(unit_embeddings(pixels) @ w.T + b, dim=-1)
+        with torch.no_grad():
+            assert torch.allclose(scripted(pixels), eager, atol=1e-5)
+    script = tmp_path / "host.py"
+    script.write_text(FRESH_PROCESS)
+    np.save(tmp_path / "inputs.npy", _inputs(), allow_pickle=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
+                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
+                   cwd=tmp_path)
+    for name, v in np.load(tmp_path / "out.npy", allow_pickle=True).item().items():
+        assert v.shape[1] == 64 and v.dtype == np.float32, name

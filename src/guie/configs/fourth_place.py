@@ -3,7 +3,8 @@
 Multisample dropout head, sub-center ArcFace k=3 with per-class adaptive margins, layer-wise
 backbone LR from 1.25e-6 (patch embedding) to 1e-5 (top), head 3e-4; ~2.5 h on one RTX 3090.
 Their soups: list other runs of this config in `export.soup`; the reduction to 64 is a PCA fitted
-at export. (They also concatenated a ViT-L-14-336 soup before the PCA: not in the kit yet.)
+at export. They also concatenated a ViT-L-14-336 soup before the PCA: train
+`fourth_place_vit_l` into its own folder and list it in `export.concat`.
 Head width 256 and the head-only warm-up stage: kit's choices.
 """
 from dataclasses import replace
