@@ -20,9 +20,10 @@ def init() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
         # Ranks wait while rank 0 trains a cached head stage or evaluates: far longer than
-        # the 10-minute default, which would abort a healthy run.
+        # the 10-minute default, which would abort a healthy run. GUIE_DIST_TIMEOUT_S: tests.
+        timeout_s = float(os.environ.get("GUIE_DIST_TIMEOUT_S", 12 * 3600))
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      timeout=datetime.timedelta(hours=12))
+                                      timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, device
 
 

@@ -209,12 +209,18 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         step = b // stage.grad_accum
         margin = margin_at(stage, cfg.loss, b / batches_per_epoch)
         loss_value = float("nan")  # a batch whose every image was corrupt (already warned)
+        weight = 1.0
+        if not len(labels) and world > 1:
+            # Under DDP every rank must take part in every backward's all-reduce: a
+            # zero-weighted step on blank images stands in for the unreadable batch.
+            inputs, labels, sizes_hw = _blank_batch(preprocess)
+            weight = 0.0
         if len(labels):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = runner(inputs.to(device, non_blocking=True), labels.to(device), margin,
                               sizes_hw)
-            scaler.scale(loss / stage.grad_accum).backward()
-            loss_value = loss.item()
+            scaler.scale(loss * weight / stage.grad_accum).backward()
+            loss_value = loss.item() if weight else loss_value
         if (b + 1) % stage.grad_accum == 0:
             mult = lr_multiplier(step, total_steps, warmup_steps)
             for g in optimizer.param_groups:
@@ -296,6 +302,13 @@ def _batches(from_cache, cache, rows, train_df, order, start, stop, stage, prepr
                         persistent_workers=num_workers > 0)
     for batch in loader:
         yield batch.images, batch.sizes_hw, batch.labels
+
+
+def _blank_batch(preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two black preprocessed images (two: a BatchNorm head rejects batches of one), label 0."""
+    side = preprocess.image_size
+    images = preprocess(torch.zeros(2, 3, side, side, dtype=torch.uint8))
+    return images, torch.zeros(2, dtype=torch.int64), torch.full((2, 2), side)
 
 
 def _time_is_up(started: float, max_hours: float, world: int, device: torch.device) -> bool:
