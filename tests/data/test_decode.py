@@ -102,10 +102,11 @@ def test_dataset_hands_tensors_to_transforms_that_declare_a_decode_size(tmp_path
             seen.append(image)
             return as_pixels(image).contiguous()
 
-    pixels, label, _ = ImageDataset(df, Probe())[0]
+    pixels, label, _, size_hw = ImageDataset(df, Probe())[0]
     assert isinstance(seen[0], torch.Tensor) and pixels.shape == (3, 300, 450) and label == 3
+    assert size_hw == (300, 450)  # the size it was decoded at, before the transform
     # An explicit decode_size with a PIL transform: PIL images, decoded at the reduced scale.
-    img, _, _ = ImageDataset(df, lambda im: im, decode_size=224)[0]
+    img, _, _, _ = ImageDataset(df, lambda im: im, decode_size=224)[0]
     assert isinstance(img, Image.Image) and img.size == (450, 300)
     assert ImageDataset(df, Probe(), decode_size=0)[0][0].shape == (3, 600, 900)
 
