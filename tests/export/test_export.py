@@ -46,6 +46,17 @@ def _inputs():
     return inputs
 
 
+def _run_in_fresh_host(tmp_path, inputs: dict) -> dict:
+    """`tmp_path/saved_model.pt` run on `inputs` by a process that cannot import guie."""
+    np.save(tmp_path / "inputs.npy", inputs, allow_pickle=True)
+    script = tmp_path / "host.py"
+    script.write_text(FRESH_PROCESS)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
+                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
+                   cwd=tmp_path)
+    return np.load(tmp_path / "out.npy", allow_pickle=True).item()
+
+
 @pytest.mark.parametrize("resize_mode, fp16_weights", [("squash", False), ("shorter_crop", True)])
 def test_export_matches_eager_in_a_fresh_process(tmp_path, resize_mode, fp16_weights):
     cfg = replace(TINY, preprocess=replace(TINY.preprocess, resize_mode=resize_mode))
@@ -55,13 +66,7 @@ def test_export_matches_eager_in_a_fresh_process(tmp_path, resize_mode, fp16_wei
     with zipfile.ZipFile(zip_path) as zf:
         assert zf.namelist() == ["saved_model.pt"]
     inputs = _inputs()
-    np.save(tmp_path / "inputs.npy", inputs, allow_pickle=True)
-    script = tmp_path / "host.py"
-    script.write_text(FRESH_PROCESS)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
-                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
-                   cwd=tmp_path)
-    out = np.load(tmp_path / "out.npy", allow_pickle=True).item()
+    out = _run_in_fresh_host(tmp_path, inputs)
     tolerance = 2e-3 if fp16_weights else 1e-5
     for name, pixels in inputs.items():
         with torch.no_grad():
@@ -202,14 +207,7 @@ def test_every_export_option_passes_the_contract_in_a_fresh_process(tmp_path):
     reduction = fit_reduction("avg_pool", 64, input_dim=128)
     export_submission_zip(model, preprocess, tmp_path, reduction=reduction,
                           tta=("flip", "aspect_crops"))
-    script = tmp_path / "host.py"
-    script.write_text(FRESH_PROCESS)
-    np.save(tmp_path / "inputs.npy", _inputs(), allow_pickle=True)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
-                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
-                   cwd=tmp_path)
-    out = np.load(tmp_path / "out.npy", allow_pickle=True).item()
-    for name, v in out.items():
+    for name, v in _run_in_fresh_host(tmp_path, _inputs()).items():
         assert v.shape[1] == 64 and v.dtype == np.float32, name
         np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3, err_msg=name)
 
@@ -241,11 +239,5 @@ def test_concat_export_equals_eager_concatenation(tmp_path):
         eager = torch.nn.functional.normalize(unit_embeddings(pixels) @ w.T + b, dim=-1)
         with torch.no_grad():
             assert torch.allclose(scripted(pixels), eager, atol=1e-5)
-    script = tmp_path / "host.py"
-    script.write_text(FRESH_PROCESS)
-    np.save(tmp_path / "inputs.npy", _inputs(), allow_pickle=True)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "saved_model.pt"),
-                    str(tmp_path / "inputs.npy"), str(tmp_path / "out.npy")], check=True,
-                   cwd=tmp_path)
-    for name, v in np.load(tmp_path / "out.npy", allow_pickle=True).item().items():
+    for name, v in _run_in_fresh_host(tmp_path, _inputs()).items():
         assert v.shape[1] == 64 and v.dtype == np.float32, name
