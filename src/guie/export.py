@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guie.data.preprocess import Preprocess
-from guie.model import EmbeddingModel, aspect_features
+from guie.model import EmbeddingModel, image_aspect_features
 from guie.reduction import fold_into_linear
 
 TTA_VIEWS = ("flip", "aspect_crops")
@@ -57,9 +57,8 @@ class SubmissionModel(nn.Module):
         feats = self.visual(x)
         if self.aspect_features:
             # From this view's H and W before the resize, as the data loader reports them.
-            h = torch.full([images.shape[0]], images.shape[-2], device=feats.device)
-            w = torch.full([images.shape[0]], images.shape[-1], device=feats.device)
-            feats = torch.cat([feats, aspect_features(h, w).to(feats.dtype)], dim=1)
+            shape = image_aspect_features(images).to(feats.device, feats.dtype)
+            feats = torch.cat([feats, shape], dim=1)
         return self.linear(feats).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

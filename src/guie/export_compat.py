@@ -37,7 +37,7 @@ from torch import nn
 from guie.data.preprocess import Preprocess
 from guie.export import (SubmissionModel, build_submission_model, check_contract,
                          write_submission_zip)
-from guie.model import EmbeddingModel, aspect_features
+from guie.model import EmbeddingModel, image_aspect_features
 
 # torch 1.11's kMaxSupportedFileFormatVersion (caffe2/serialize/versions.h); checked by loading.
 TORCH111_MAX_FILE_FORMAT_VERSION = 9
@@ -268,9 +268,7 @@ class CompatSubmissionModel(nn.Module):
         dtype = self.linear_weight.dtype if x.is_cuda else torch.float32
         x = self.visual(x.to(dtype))
         if self.aspect_features:
-            h = torch.full([images.shape[0]], images.shape[-2], device=x.device)
-            w = torch.full([images.shape[0]], images.shape[-1], device=x.device)
-            x = torch.cat([x, aspect_features(h, w).to(dtype)], dim=1)
+            x = torch.cat([x, image_aspect_features(images).to(x.device, dtype)], dim=1)
         embeddings = F.linear(x, self.linear_weight.to(dtype), self.linear_bias.to(dtype)).float()
         # F.normalize(dim=-1) written out: its scripted body is fine, this just keeps it local.
         denom = embeddings.norm(2.0, [-1], True).clamp_min(1e-12).expand_as(embeddings)

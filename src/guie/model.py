@@ -154,6 +154,13 @@ def aspect_features(heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor
     return torch.stack([torch.log(w / h), w / longer, h / longer], dim=-1)
 
 
+def image_aspect_features(images: torch.Tensor) -> torch.Tensor:
+    """`aspect_features` of unresized images [B, 3, H, W] (the exports' input): [B, 3]."""
+    h = torch.full([images.shape[0]], images.shape[-2], device=images.device)
+    w = torch.full([images.shape[0]], images.shape[-1], device=images.device)
+    return aspect_features(h, w)
+
+
 def build_head(cfg: ModelConfig, feature_dim: int) -> nn.Module:
     if cfg.head == "linear":
         return LinearHead(feature_dim, cfg.embed_dim, cfg.dropout)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from guie.config import ExperimentConfig, StageConfig, load_config, save_config
 from guie.data.augment import EvalTransform
@@ -240,13 +241,9 @@ def fit_export_reduction(cfg: ExperimentConfig, model: EmbeddingModel,
     in_dim = model.head.fold().out_features
     if kind == "avg_pool":
         return fit_reduction(kind, dim, input_dim=in_dim)
-    feats, ok = compute_features(model, reduction_sample(cfg), EvalTransform(preprocess), 64,
-                                 cfg.data.num_workers, _device(),
-                                 f"export.reduction={kind} features")
-    model.cpu()
-    with torch.no_grad():
-        embeddings = model.eval().head(feats[ok].to(model.head_dtype()))
-    return fit_reduction(kind, dim, embeddings.float())
+    outputs, ok = _head_outputs(cfg, model, preprocess, reduction_sample(cfg),
+                                f"export.reduction={kind} features")
+    return fit_reduction(kind, dim, outputs[ok])
 
 
 def fit_concat_reduction(cfg: ExperimentConfig, towers: list[tuple[EmbeddingModel, Preprocess]]
@@ -262,14 +259,22 @@ def fit_concat_reduction(cfg: ExperimentConfig, towers: list[tuple[EmbeddingMode
     images = reduction_sample(cfg)
     parts, all_ok = [], torch.ones(len(images), dtype=torch.bool)
     for i, (model, preprocess) in enumerate(towers):
-        feats, ok = compute_features(model, images, EvalTransform(preprocess), 64,
-                                     cfg.data.num_workers, _device(),
-                                     f"export.concat tower {i} features")
-        model.cpu()
-        with torch.no_grad():
-            parts.append(model.eval().embed_features(feats).float())
+        outputs, ok = _head_outputs(cfg, model, preprocess, images,
+                                    f"export.concat tower {i} features")
+        parts.append(F.normalize(outputs, dim=-1))  # each tower's unit embedding
         all_ok &= ok
     return fit_reduction(kind, dim, torch.cat(parts, dim=1)[all_ok])
+
+
+def _head_outputs(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Preprocess,
+                  images: pd.DataFrame, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's float32 outputs before the L2 norm [N, D] and the readable rows [N]; the
+    backbone runs on the GPU if there is one, the model ends on the CPU in eval mode."""
+    feats, ok = compute_features(model, images, EvalTransform(preprocess), 64,
+                                 cfg.data.num_workers, _device(), desc)
+    model.cpu().eval()
+    with torch.no_grad():
+        return model.head(feats.to(model.head_dtype())).float(), ok
 
 
 def replace_head_with_linear(model: EmbeddingModel,
