@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from guie.kaggle import packaging
-from guie.kaggle.notebooks import (DEFAULT_MACHINE_SHAPE, KAGGLE_INPUT, TEMPLATES_DIR,
-                                   NotebookError, kernel_config, plan_kernels, slugify_title,
-                                   write_kernel)
+from guie.kaggle.build import WHEELS_TEMPLATE, build_kernels
+from guie.kaggle.inputs import is_kaggle_ref
+from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, kernel_config, plan_probe,
+                                   slugify_title, write_kernel)
+from guie.kaggle.probe import PROBE_OUTPUT
+from guie.kaggle.platform import (DEFAULT_MACHINE_SHAPE, OUTPUT_CAP_BYTES, PLATFORM_RECORD,
+                                  PlatformError, check_machine_shape, platform_facts)
 
 REPO = TEMPLATES_DIR.parent
-PACKAGE_DIR = Path(packaging.__file__).resolve().parents[1]  # src/guie
-METADATA_DIR = REPO / "datasets-metadata"
 DRY_OWNER = "your-kaggle-username"  # shown by --dry-run when no credentials are set up
 
 
@@ -34,7 +36,8 @@ def _reports_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
         try:
             return fn(args)
-        except (KaggleError, packaging.PackagingError, NotebookError, ValueError) as e:
+        except (KaggleError, packaging.PackagingError, NotebookError, PlatformError,
+                ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return run
@@ -113,11 +116,11 @@ def _secrets_and_owner(args: argparse.Namespace):
     return client, client.username, client.credentials.secrets
 
 
-def _wheel_download(args: argparse.Namespace) -> Callable[[Sequence[str], Path], None]:
+def _wheel_download(args: argparse.Namespace) -> Callable[[Sequence[str], Path, str], None]:
     if not args.wheels_from:
         return packaging.pip_download
 
-    def copy_from(requirements: Sequence[str], dest: Path) -> None:
+    def copy_from(requirements: Sequence[str], dest: Path, python_version: str) -> None:
         for wheel in Path(args.wheels_from).glob("*.whl"):
             shutil.copy2(wheel, dest / wheel.name)
     return copy_from
@@ -126,74 +129,136 @@ def _wheel_download(args: argparse.Namespace) -> Callable[[Sequence[str], Path],
 # ----------------------------------------------------------------------------- push
 
 
+def _weights_notes(cfg) -> list[str]:
+    """What the dry run says about the weights the kernels will load."""
+    from guie.config import TINY_BACKBONE
+
+    path = cfg.model.pretrained_path
+    if path:
+        how = "attached from Kaggle" if is_kaggle_ref(path) else "a path that must exist on Kaggle"
+        return [f"weights: {path} ({how})"]
+    if cfg.model.backbone != TINY_BACKBONE:
+        return [f"warning: model.pretrained_path is empty: {cfg.model.backbone} starts from RANDOM "
+                "weights. Upload them with `submit.py push-weights FILE` and set the "
+                "model.pretrained_path it prints."]
+    return ["weights: none (the kit's tiny test backbone trains from random weights)"]
+
+
 @_reports_errors
 def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
+    warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
     client, owner, secrets = _secrets_and_owner(args)
-    # Built datasets live in <workdir>/datasets/<slug>, the layout of /kaggle/input, so that
-    # `map_kaggle_paths(parameters, <workdir>/datasets, ...)` runs the same notebook locally.
-    datasets = Path(args.workdir) / "datasets"
-    source_template = METADATA_DIR / "guie-src" / "dataset-metadata.json"
-    source_slug = packaging.dataset_metadata(source_template, owner)["id"].split("/")[1]
-    source = packaging.pack_source(PACKAGE_DIR, datasets / source_slug, source_template, owner, secrets)
-    wheels_template = METADATA_DIR / "guie-wheels" / "dataset-metadata.json"
-    wheels_ref = packaging.dataset_metadata(wheels_template, owner)["id"]
-    plans = plan_kernels(cfg, args.config, args.overrides, owner, source_ref=source.ref,
-                         wheels_ref=wheels_ref, source_hash=source.content_hash,
-                         max_hours=args.max_hours, compat=args.compat, data_root=args.data_root,
-                         resume_kernel=args.resume_kernel, extra_datasets=args.dataset,
-                         machine_shape=args.machine_shape, private=not args.public,
-                         train_internet=args.train_internet)
+    facts = platform_facts(args.workdir)
+    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
     chosen = ["train", "infer"] if args.kernels == "both" else [args.kernels]
-    folders = {kind: write_kernel(plans[kind], Path(args.workdir) / "kernels") for kind in chosen}
-    for folder in folders.values():
-        packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
+    # Pushed together, the inference kernel would run at once on the training kernel's
+    # previous output: it is pushed after training has finished (--wait), or later by hand.
+    expected_run = None
+    previous_train = state.get("kernels", {}).get("train", {})
+    if chosen == ["infer"] and state.get("config") == args.config and previous_train.get("run"):
+        expected_run = previous_train["run"]  # the run that kernel trains, not today's source
+    build = build_kernels(cfg, args.config, args.overrides, owner, args.workdir, secrets,
+                          kinds=chosen, max_hours=args.max_hours, compat=args.compat,
+                          data_root=args.data_root, resume_kernel=args.resume_kernel,
+                          extra_datasets=args.dataset, machine_shape=args.machine_shape,
+                          private=not args.public, train_internet=args.train_internet,
+                          expected_run=expected_run)
+    source, plans, folders = build.source, build.plans, build.folders
+    print(f"config {args.config}{' ' + ' '.join(args.overrides) if args.overrides else ''}: "
+          f"kernels {', '.join(plans[k].ref for k in chosen)}")
+    for line in [*warnings, *_weights_notes(cfg)]:
+        print(line)
+    requirements = list(packaging.WHEEL_REQUIREMENTS)
 
     if args.dry_run:
         print("[dry run] built everything; nothing is sent to Kaggle.")
         _list_folder(f"dataset {source.ref} (src/ uploads as one zip; hash {source.content_hash[:12]})",
                      source.folder, {"dataset-metadata.json": _json(source.folder / "dataset-metadata.json")})
-        print(f"dataset {wheels_ref}: sent only if missing or its pins changed, from "
-              f"{args.wheels_from or 'pip download --no-deps'} {' '.join(packaging.WHEEL_REQUIREMENTS)}")
+        print(f"dataset {build.wheels_ref}: sent only if missing or its pins changed, from "
+              f"{args.wheels_from or 'pip download'} {' '.join(requirements)} (pure-Python wheels "
+              f"for Python {facts.python_version}, from {facts.source})")
         for kind, folder in folders.items():
             _list_folder(f"kernel {plans[kind].ref}", folder,
                          {"kernel-metadata.json": plans[kind].metadata,
                           "parameters": plans[kind].parameters})
+        _print_output_size(cfg)
         return 0
 
     commit = git_commit()
-    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
     pushed = state.get("source", {})
     if pushed.get("ref") == source.ref and pushed.get("hash") == source.content_hash \
             and client.dataset_status(source.ref) == "ready":
         print(f"dataset {source.ref}: unchanged (hash {source.content_hash[:12]}), not re-uploaded")
     else:
-        result = client.push_dataset(source.folder, f"{args.config} {source.content_hash[:12]} {commit}",
-                                     dir_mode="zip")
-        print(f"dataset {source.ref}: {'created' if result.created else 'new version'}; waiting until ready")
-        client.wait_dataset_ready(source.ref, poll_s=args.poll_s)
-    requirements = list(packaging.WHEEL_REQUIREMENTS)
+        _push_and_wait(client, source.folder, f"{args.config} {source.content_hash[:12]} {commit}",
+                       "zip", args.poll_s)
     if state.get("wheels", {}).get("requirements") != requirements \
-            or client.dataset_status(wheels_ref) is None:
-        wheels = packaging.build_wheels_dataset(datasets / wheels_ref.split("/")[1], wheels_template,
-                                                owner, secrets, download=_wheel_download(args))
-        result = client.push_dataset(wheels.folder, " ".join(requirements), dir_mode="skip")
-        print(f"dataset {wheels_ref}: {'created' if result.created else 'new version'}; waiting until ready")
-        client.wait_dataset_ready(wheels_ref, poll_s=args.poll_s)
+            or state.get("wheels", {}).get("python_version") != facts.python_version \
+            or client.dataset_status(build.wheels_ref) is None:
+        wheels = packaging.build_wheels_dataset(
+            Path(args.workdir) / "datasets" / build.wheels_ref.split("/")[1], WHEELS_TEMPLATE,
+            owner, secrets, facts.python_version, download=_wheel_download(args))
+        _push_and_wait(client, wheels.folder, f"{' '.join(requirements)} py{facts.python_version}",
+                       "skip", args.poll_s)
     kernels = dict(state.get("kernels", {})) if state.get("config") == args.config else {}
-    for kind, folder in folders.items():
-        result = client.push_kernel(folder)
-        kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version}
+    new_state = {"config": args.config, "overrides": args.overrides, "commit": commit,
+                 "source": {"ref": source.ref, "hash": source.content_hash},
+                 "wheels": {"ref": build.wheels_ref, "requirements": requirements,
+                            "python_version": facts.python_version},
+                 "kernels": kernels,
+                 "pushed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "submissions": state.get("submissions", []),
+                 **({"probe": state["probe"]} if "probe" in state else {})}
+
+    def push(kind: str) -> None:
+        result = client.push_kernel(folders[kind])
+        run = plans[kind].parameters.get("run") or plans[kind].parameters.get("expected_run")
+        kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version, "run": run}
         print(f"kernel {result.ref} version {result.version}: {result.url}")
-    if "train" in folders and "infer" in folders:
-        print("note: the inference kernel reads the training kernel's latest finished output; after "
-              "this training run completes, `submit.py push --kernels infer` rebuilds it on it.")
-    _save_state(args, {"config": args.config, "overrides": args.overrides, "commit": commit,
-                       "source": {"ref": source.ref, "hash": source.content_hash},
-                       "wheels": {"ref": wheels_ref, "requirements": requirements}, "kernels": kernels,
-                       "pushed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "submissions": state.get("submissions", [])})
+        _save_state(args, new_state)
+
+    if "train" in chosen:
+        push("train")
+    if "infer" in chosen and "train" in chosen and not args.wait:
+        print(f"next: the inference kernel needs this training run's output. Run `submit.py status "
+              f"--wait`, then `submit.py push --config {args.config} --kernels infer` (or push "
+              "with --wait to do both).")
+        return 0
+    if "infer" in chosen and "train" in chosen:
+        status = client.wait_kernel(kernels["train"]["ref"], poll_s=args.poll_s)
+        if status.state != "COMPLETE":
+            raise ValueError(f"training kernel {kernels['train']['ref']} ended {status.state} "
+                             f"{status.failure_message}; the inference kernel was not pushed "
+                             "(`submit.py status --wait` shows its log)".rstrip())
+    if "infer" in chosen:
+        push("infer")
+        print("next: `submit.py status --wait`, then `submit.py submit`")
+    else:
+        print("next: `submit.py status --wait`")
     return 0
+
+
+def _push_and_wait(client, folder: Path, notes: str, dir_mode: str, poll_s: float) -> None:
+    """Create or version a dataset, then wait for *that* version to be current and ready."""
+    ref = _json(folder / "dataset-metadata.json")["id"]
+    before = client.dataset_version(ref)
+    result = client.push_dataset(folder, notes, dir_mode=dir_mode)
+    print(f"dataset {ref}: {'created' if result.created else 'new version'}; waiting until "
+          "that version is ready")
+    version = client.wait_dataset_version(ref, before, poll_s=poll_s)
+    print(f"dataset {ref}: version {version} ready")
+
+
+def _print_output_size(cfg) -> None:
+    """The training kernel's predicted output against Kaggle's 20 GB cap."""
+    from guie.train.checkpoint import predict_output_bytes
+
+    predicted = predict_output_bytes(cfg)
+    verdict = "fits" if predicted.peak_bytes <= OUTPUT_CAP_BYTES else "OVER THE CAP"
+    print(f"training output (predicted from parameter counts): {predicted.final_bytes / 1e9:.2f} GB "
+          f"at the end, {predicted.peak_bytes / 1e9:.2f} GB at its peak, against Kaggle's "
+          f"{OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
 
 
 # ----------------------------------------------------------------------------- status
@@ -204,7 +269,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = _load_state(args)
     client = _connect()
     failed = False
-    for kind, info in state["kernels"].items():
+    watched = {**state.get("kernels", {}), **({"probe": state["probe"]} if "probe" in state else {})}
+    for kind, info in watched.items():
         ref = info["ref"]
         if args.wait:
             last: list[str] = []
@@ -220,12 +286,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             if status.state == "ERROR":
                 tail = "\n".join(output.log_text.splitlines()[-args.log_lines:])
                 print(f"--- last {args.log_lines} log lines of {ref} ---\n{tail}")
+            record = next((f for f in output.files if f.name == PROBE_OUTPUT), None)
+            if kind == "probe" and record is not None:
+                shutil.copy2(record, Path(args.workdir) / PLATFORM_RECORD)
+                print(f"probe: Kaggle's platform recorded in {Path(args.workdir) / PLATFORM_RECORD}; "
+                      "push uses it from now on")
         else:
             status = client.kernel_status(ref)
             print(f"{kind:6s} {ref}: {status.state}")
         if status.failure_message:
             print(f"{kind:6s} failure: {status.failure_message}")
         failed |= status.state == "ERROR"
+    if not failed and state.get("kernels", {}).get("infer"):
+        print("next: `submit.py submit` once the inference kernel is COMPLETE")
+    elif not failed and state.get("kernels", {}).get("train"):
+        print(f"next: once training is COMPLETE, `submit.py push --config {state['config']} "
+              "--kernels infer`")
     return 1 if failed else 0
 
 
@@ -242,19 +318,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ValueError("no inference kernel pushed yet (run `submit.py push`)")
     kernel = state["kernels"]["infer"]
     version = args.version if args.version is not None else kernel.get("version")
+    if not version:
+        raise ValueError(f"the version of kernel {kernel['ref']} is unknown (the push answered "
+                         "none); Kaggle would take its latest run, which may be an older or failed "
+                         "one. Look it up on the kernel's page and pass --version N.")
     # The commit the kernel was built from, not whatever is checked out now.
     message = submission_message(state["config"], state.get("commit") or git_commit(),
                                  kernel["ref"], version)
     if args.dry_run:
-        print(f"[dry run] would submit {kernel['ref']} version {version or 'latest'} "
+        print(f"[dry run] would submit {kernel['ref']} version {version} "
               f"(file {args.file}) to {COMPETITION} with message {message!r}; nothing is sent.")
         return 0
     client = _connect()
-    if args.version is None:
-        status = client.kernel_status(kernel["ref"])
-        if status.state != "COMPLETE":
-            raise ValueError(f"kernel {kernel['ref']} is {status.state} "
-                             f"{status.failure_message}; submit once it is COMPLETE".rstrip())
+    status = client.kernel_status(kernel["ref"])
+    outputs = client.kernel_output_names(kernel["ref"]) if status.state == "COMPLETE" else []
+    print(f"kernel {kernel['ref']} version {version}: {status.state}; output "
+          f"{args.file} {'present' if args.file in outputs else 'MISSING'}")
+    if status.state != "COMPLETE":
+        raise ValueError(f"kernel {kernel['ref']} is {status.state} "
+                         f"{status.failure_message}; submit once it is COMPLETE".rstrip())
+    if args.file not in outputs:
+        raise ValueError(f"kernel {kernel['ref']}: its output has no {args.file} (it has "
+                         f"{', '.join(outputs) or 'nothing'}); see `submit.py status --wait`")
     if not _confirm(f"Submit {kernel['ref']} v{version} to {COMPETITION}?", args.yes):
         print("not submitted")
         return 1
@@ -265,6 +350,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"submitted: ref {receipt.ref}: {receipt.message} ({receipt.remaining_today} left today)")
+    print("next: `submit.py leaderboard` shows the score once Kaggle has scored it")
     state.setdefault("submissions", []).append(
         {"ref": receipt.ref, "kernel": kernel["ref"], "version": version, "message": message})
     _save_state(args, state)
@@ -302,22 +388,57 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
     meta = {"id": f"{owner}/{slug}", "title": title, "licenses": [{"name": args.license}],
             "description": f"{path.name}, uploaded by the GUIE kit's `submit.py push-weights`."}
     packed = packaging.pack_file_dataset(path, Path(args.workdir) / "datasets" / slug, meta, secrets)
-    mount = f"{KAGGLE_INPUT}/{slug}/{path.name}"
+    value = f"kaggle:{packed.ref}/{path.name}"  # resolved by the kernels in any mount layout
     if args.dry_run:
         print("[dry run] nothing is sent to Kaggle.")
         _list_folder(f"dataset {packed.ref}", packed.folder,
                      {"dataset-metadata.json": _json(packed.folder / "dataset-metadata.json")})
-        print(f"on Kaggle: {mount}")
+        print(f"in a config: model.pretrained_path={value}")
         return 0
     result = client.push_dataset(packed.folder, f"{path.name} sha256 {packed.content_hash[:12]}",
                                  progress=True)
     print(f"dataset {result.ref}: {'created' if result.created else 'new version'}; waiting until ready")
     client.wait_dataset_ready(result.ref, poll_s=args.poll_s)
-    print(f"ready: {result.url}\non Kaggle: {mount} (attach it with `push --dataset {result.ref}`)")
+    print(f"ready: {result.url}\nin a config or as an override: model.pretrained_path={value}\n"
+          "(`push` then attaches the dataset to both kernels itself)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@_reports_errors
+def cmd_probe(args: argparse.Namespace) -> int:
+    warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
+    client, owner, secrets = _secrets_and_owner(args)
+    plan = plan_probe(owner, args.machine_shape)
+    folder = write_kernel(plan, Path(args.workdir) / "kernels")
+    packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
+    for line in warnings:
+        print(line)
+    if args.dry_run:
+        print("[dry run] nothing is sent to Kaggle.")
+        _list_folder(f"kernel {plan.ref}", folder, {"kernel-metadata.json": plan.metadata})
+        return 0
+    result = client.push_kernel(folder)
+    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
+    state.setdefault("kernels", {})
+    state["probe"] = {"ref": result.ref, "url": result.url, "version": result.version}
+    _save_state(args, state)
+    print(f"kernel {result.ref} version {result.version}: {result.url}\n"
+          f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
+          f"{Path(args.workdir) / PLATFORM_RECORD}")
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _machine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
+                   help="Kaggle machine_shape (NvidiaTeslaT4 is 2xT4)")
+    p.add_argument("--allow-unknown-machine-shape", action="store_true",
+                   help="send a machine shape the kit does not know (Kaggle may give a P100)")
 
 
 def register(subparsers) -> None:
@@ -334,14 +455,16 @@ def register(subparsers) -> None:
     p.add_argument("--kernels", choices=("both", "train", "infer"), default="both")
     p.add_argument("--max-hours", type=float, default=11.0, help="training budget per session")
     p.add_argument("--compat", choices=("none", "torch1.11"), default="none")
-    p.add_argument("--data-root", default=None,
-                   help=f"data root on Kaggle (default {KAGGLE_INPUT} when the config names "
-                        "Kaggle datasets; '' keeps the config's)")
+    p.add_argument("--data-root", default="",
+                   help="data root on Kaggle for the config's relative locations ('' keeps the "
+                        "config's; sources with a kaggle_slug are found wherever Kaggle mounts them)")
     p.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG",
                    help="extra dataset to attach to both kernels (weights; repeatable)")
     p.add_argument("--resume-kernel", default=None, metavar="OWNER/SLUG",
                    help="a previous training kernel whose output the training run resumes from")
-    p.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE)
+    _machine_args(p)
+    p.add_argument("--wait", action="store_true",
+                   help="push training, wait until it has finished, then push inference on it")
     p.add_argument("--public", action="store_true", help="make the kernels public (default private)")
     p.add_argument("--train-internet", action="store_true",
                    help="internet on for the training kernel (inference is always offline)")
@@ -350,6 +473,12 @@ def register(subparsers) -> None:
     common(p, poll=True)
     p.set_defaults(func=cmd_push)
 
+    p = subparsers.add_parser("probe", help="run a tiny kernel that records Kaggle's platform "
+                                             "(layout, versions, GPU) for the kit to use")
+    _machine_args(p)
+    common(p)
+    p.set_defaults(func=cmd_probe)
+
     p = subparsers.add_parser("status", help="state of the pushed kernels; --wait downloads outputs")
     p.add_argument("--wait", action="store_true", help="poll until done, then download output + log")
     p.add_argument("--log-lines", type=int, default=40, help="log lines shown for a failed kernel")
@@ -357,7 +486,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("submit", help="submit the inference kernel's submission.zip")
-    p.add_argument("--version", type=int, default=None, help="kernel version (default: last pushed)")
+    p.add_argument("--version", type=int, default=None,
+                   help="kernel version to submit (default: the one the last push reported)")
     p.add_argument("--file", default="submission.zip", help="the kernel output file to submit")
     p.add_argument("--daily-cap", type=int, default=5, help="submissions allowed per UTC day")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")

@@ -27,12 +27,17 @@ def cmd_local(args: argparse.Namespace) -> int:
     else:
         from guie.kaggle.local_run import run_local_notebooks
 
-        # papermill streams the kernels' output (their progress bars) through its logger
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        report = run_local_notebooks(args.config, args.overrides, args.out, compat=args.compat)
+        if args.verbose:  # papermill streams the kernels' own output through its logger
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        report = run_local_notebooks(args.config, args.overrides, args.out, compat=args.compat,
+                                     layout=args.layout, archives=args.source_archive,
+                                     verbose=args.verbose)
     keys = [k for k in report if k.startswith("map5_") and not k.endswith("per_domain")]
     print(json.dumps({k: round(report[k], 4) for k in keys}, indent=2))
     print(f"report: {args.out}/report.json  submission: {report.get('submission_zip', '-')}")
+    print(f"look at: {args.out}/curves.png (loss and mP@5 per stage), {args.out}/notebooks/ "
+          "(the executed kernels)")
+    print(f"next: `python submit.py push --config {args.config} --dry-run` shows what Kaggle gets")
     return 0 if report["status"] == "done" else 3
 
 
@@ -54,7 +59,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("local", help="run data -> stages -> export -> mP@5 on this machine")
     _add_config_args(p, "tiny")
-    p.add_argument("--out", default="build/local")
+    p.add_argument("--out", default="build/local", help="output folder (reports, checkpoints, "
+                   "submission.zip, the executed notebooks)")
     p.add_argument("--in-process", action="store_true",
                    help="run the pipeline in this process instead of executing the Kaggle "
                         "notebooks with papermill")
@@ -62,6 +68,13 @@ def register(subparsers) -> None:
                    help="with --in-process: continue the stages found in --out (the notebooks "
                         "always resume)")
     p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
+    p.add_argument("--layout", default="current", choices=("current", "legacy"),
+                   help="how the notebooks' inputs are mounted: Kaggle's current "
+                        "input/datasets/<owner>/<slug>/ or the legacy input/<slug>/")
+    p.add_argument("--source-archive", default="unpacked", choices=("unpacked", "zip"),
+                   help="the uploaded src.zip as Kaggle unpacks it, or kept as a zip")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="stream the notebooks' own output (progress bars, logs)")
     p.set_defaults(func=cmd_local)
 
     p = subparsers.add_parser("train", help="train a config's stages (resumes by default)")
@@ -75,6 +88,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a trained model as submission.zip")
     _add_config_args(p, "tiny")
     p.add_argument("--checkpoint", required=True, help="training output folder or a final.pt")
-    p.add_argument("--out", default="build/export")
+    p.add_argument("--out", default="build/export", help="where saved_model.pt and "
+                   "submission.zip go")
     p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
     p.set_defaults(func=cmd_export)

@@ -15,10 +15,14 @@ import pytest
 
 from guie.configs import get_config
 from guie.config import DataSource
-from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, injected_parameters,
-                                   kernel_config, kernel_metadata, map_kaggle_paths, plan_kernels,
-                                   prepare_resume, write_kernel)
-from guie.kaggle.packaging import pack_source
+from guie.kaggle.emulate import mount_folder, mount_notebook_output, mount_point
+from guie.kaggle.inputs import InputNotFound
+from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, check_training_run,
+                                   injected_parameters, kernel_config, kernel_metadata,
+                                   map_kaggle_paths, plan_kernels, prepare_resume, record_run,
+                                   resolve_config_inputs, run_identity, weights_datasets,
+                                   write_kernel)
+from guie.kaggle.packaging import WHEEL_REQUIREMENTS, pack_source, write_wheels_marker
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("me/guie-kit-src", "me/guie-kit-wheels")
@@ -38,19 +42,22 @@ def kaggle_cfg():
     return replace(cfg, data=replace(cfg.data, sources=(source,)))
 
 
-@pytest.mark.parametrize("name", ["train", "infer"])
+@pytest.mark.parametrize("name", ["train", "infer", "probe"])
 def test_templates_are_clean_v4_notebooks(name):
     nb = nbformat.read(TEMPLATES_DIR / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
     assert nb.nbformat == 4 and nb.metadata.kernelspec.name == "python3"
     assert nb.cells[0].cell_type == "markdown"
     assert nb.cells[1].metadata.tags == ["parameters"]
+    # the standard-library resolver is inlined when the kernel is built, not kept in the template
+    assert nb.cells[2].metadata.tags == ["guie-inline"]
+    assert nb.cells[2].metadata.guie_module.startswith("guie.kaggle.")
     for cell in nb.cells[2:]:
         assert cell.cell_type == "code" and cell.outputs == [] and cell.execution_count is None
         assert len(cell.source.splitlines()) <= 9  # short cells that only call into guie
-    code = "\n".join(c.source for c in nb.cells[2:])
+    code = "\n".join(c.source for c in nb.cells[3:])
     imports = [line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))]
-    assert {i.split(".")[0] for i in imports} <= {"sys", "guie"}
+    assert {i.split(".")[0] for i in imports} <= {"sys", "guie", "json"}
 
 
 def test_plan_metadata(kaggle_cfg):
@@ -69,9 +76,15 @@ def test_plan_metadata(kaggle_cfg):
     assert infer["competition_sources"] == ["google-universal-image-embedding"]
     assert train["competition_sources"] == []
     assert infer["kernel_sources"] == ["me/guie-train-smoke"]
-    assert plans["infer"].parameters["checkpoint"] == "/kaggle/input/guie-train-smoke"
-    assert plans["train"].parameters["data_root"] == "/kaggle/input"  # the config names Kaggle data
-    assert plans_for(get_config("smoke"))["train"].parameters["data_root"] == ""
+    # references, never mount paths: the kernels resolve them in whatever layout Kaggle uses
+    params = plans["infer"].parameters
+    assert params["checkpoint_input"] == "notebook:me/guie-train-smoke"
+    assert params["source_input"] == f"dataset:{SOURCES[0]}"
+    assert params["wheels_input"] == f"dataset:{SOURCES[1]}"
+    assert params["input_root"] == "/kaggle/input" and params["data_root"] == ""
+    run = plans["train"].parameters["run"]
+    assert params["expected_run"] == run and run["source_hash"] == "ab" * 32
+    assert run["config_name"] == "smoke" and run["overrides"] == ["stage1.epochs=1"]
 
 
 def test_plan_resume_and_extra_datasets(kaggle_cfg):
@@ -79,7 +92,7 @@ def test_plan_resume_and_extra_datasets(kaggle_cfg):
                       extra_datasets=["me/guie-weights-vit-h-14"], private=False, train_internet=True)
     train = plans["train"]
     assert train.metadata["kernel_sources"] == ["me/guie-train-smoke-part1"]
-    assert train.parameters["resume_from"] == "/kaggle/input/guie-train-smoke-part1"
+    assert train.parameters["resume_input"] == "notebook:me/guie-train-smoke-part1"
     assert "me/guie-weights-vit-h-14" in plans["infer"].metadata["dataset_sources"]
     assert train.metadata["is_private"] is False and train.metadata["enable_internet"] is True
     assert plans["infer"].metadata["enable_internet"] is False
@@ -113,22 +126,40 @@ def test_built_notebook_has_the_parameters_injected(kaggle_cfg, tmp_path, kind):
 
 
 def test_map_kaggle_paths():
-    mapped = map_kaggle_paths({"source_dir": "/kaggle/input/guie-kit-src", "out_dir": "/kaggle/working",
+    mapped = map_kaggle_paths({"input_root": "/kaggle/input", "out_dir": "/kaggle/working",
                                "data_root": "", "max_hours": 1.0, "other": "/kaggle/inputs"},
                               "/tmp/in", "/tmp/work")
-    assert mapped == {"source_dir": "/tmp/in/guie-kit-src", "out_dir": "/tmp/work", "data_root": "",
+    assert mapped == {"input_root": "/tmp/in", "out_dir": "/tmp/work", "data_root": "",
                       "max_hours": 1.0, "other": "/kaggle/inputs"}
 
 
-def test_prepare_resume_copies_a_previous_output(tmp_path):
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_prepare_resume_copies_a_previous_output(tmp_path, layout):
     previous = tmp_path / "prev"
     (previous / "stage1").mkdir(parents=True)
     (previous / "stage1" / "last.pt").write_bytes(b"ckpt")
-    assert prepare_resume("", str(tmp_path / "out")) is False
-    assert prepare_resume(str(previous), str(tmp_path / "out")) is True
+    record_run(previous, run_identity("smoke", [], "ab" * 32), "stopped")
+    inputs = tmp_path / "input"
+    assert prepare_resume("", str(tmp_path / "out"), inputs) is False
+    with pytest.raises(InputNotFound, match="notebook:me/guie-train-smoke: not attached"):
+        prepare_resume("notebook:me/guie-train-smoke", str(tmp_path / "out"), inputs)
+    mount_notebook_output(previous, "me/guie-train-smoke", inputs, layout)
+    assert prepare_resume("notebook:me/guie-train-smoke", str(tmp_path / "out"), inputs) is True
     assert (tmp_path / "out" / "stage1" / "last.pt").read_bytes() == b"ckpt"
-    with pytest.raises(NotebookError, match="attach the previous run"):
-        prepare_resume(str(tmp_path / "missing"), str(tmp_path / "out"))
+
+
+def test_check_training_run_refuses_another_or_an_unfinished_run(tmp_path):
+    run = run_identity("smoke", ["stage1.epochs=1"], "ab" * 32)
+    with pytest.raises(NotebookError, match="holds training run unknown"):
+        check_training_run(tmp_path, run)
+    record_run(tmp_path, run_identity("smoke", [], "ab" * 32), "done")
+    with pytest.raises(NotebookError, match="previous output: wait until the training kernel"):
+        check_training_run(tmp_path, run)
+    record_run(tmp_path, run, "stopped")
+    with pytest.raises(NotebookError, match="'stopped', not done"):
+        check_training_run(tmp_path, run)
+    record_run(tmp_path, run, "done")
+    assert check_training_run(tmp_path, run) == str(tmp_path)
 
 
 def test_kernel_config_applies_overrides_and_root():
@@ -137,33 +168,71 @@ def test_kernel_config_applies_overrides_and_root():
     assert kernel_config("smoke", []).data.root == get_config("smoke").data.root
 
 
-@pytest.mark.parametrize("layout", ["src", "zip"])
-def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layout):
-    """The notebook's first cells in a fresh interpreter: import the packed copy, check it."""
-    packed = pack_source(REPO / "src" / "guie", tmp_path / "input" / "guie-kit-src",
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_kernel_config_resolves_data_and_weights_references(tmp_path, layout):
+    inputs = tmp_path / "input"
+    data = mount_point("dataset:someone/glr-mini-tfrecords", inputs, layout)
+    (data / "train").mkdir(parents=True)
+    weights = mount_point("dataset:me/guie-weights-vit", inputs, layout)
+    weights.mkdir(parents=True)
+    (weights / "open_clip_pytorch_model.bin").write_bytes(b"w")
+    sources = (DataSource("glr", "tfrecord", "glr-mini-tfrecords/train",
+                          kaggle_slug="someone/glr-mini-tfrecords"),)
+    cfg = resolve_config_inputs(
+        replace(get_config("smoke"), data=replace(get_config("smoke").data, sources=sources),
+                model=replace(get_config("smoke").model,
+                              pretrained_path="kaggle:me/guie-weights-vit/open_clip_pytorch_model.bin")),
+        str(inputs))
+    assert cfg.data.sources[0].location == str(data / "train")
+    assert cfg.model.pretrained_path == str(weights / "open_clip_pytorch_model.bin")
+    assert weights_datasets(replace(cfg, model=replace(
+        cfg.model, pretrained_path="kaggle:me/guie-weights-vit/x.bin"))) == ["me/guie-weights-vit"]
+
+
+def test_plans_attach_the_weights_a_config_references(kaggle_cfg):
+    cfg = replace(kaggle_cfg, model=replace(kaggle_cfg.model,
+                                            pretrained_path="kaggle:me/guie-weights-vit-h-14/w.bin"))
+    for plan in plans_for(cfg).values():
+        assert "me/guie-weights-vit-h-14" in plan.metadata["dataset_sources"]
+
+
+@pytest.mark.parametrize("layout,archives", [("current", "unpacked"), ("current", "zip"),
+                                             ("legacy", "unpacked"), ("legacy", "zip")])
+def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layout, archives):
+    """The notebook's first cells in a fresh interpreter, against the source dataset mounted as
+    uploaded (src/ as src.zip) in either layout, unpacked or kept as a zip."""
+    packed = pack_source(REPO / "src" / "guie", tmp_path / "built" / "guie-kit-src",
                          REPO / "datasets-metadata" / "guie-src" / "dataset-metadata.json", "me", [])
-    if layout == "zip":  # Kaggle kept the archive: the kernels import from it
-        src = packed.folder / "src"
-        with zipfile.ZipFile(packed.folder / "src.zip", "w") as z:
-            for p in sorted(src.rglob("*")):
-                z.write(p, p.relative_to(src).as_posix())
-        shutil.rmtree(src)
+    mounted = mount_folder(packed.folder, SOURCES[0], tmp_path / "input", layout, archives)
+    assert (mounted / "src.zip").is_file() == (archives == "zip")
+    wheels = tmp_path / "built" / "wheels"
+    wheels.mkdir()
+    write_wheels_marker(wheels, WHEEL_REQUIREMENTS, "3.11")
+    mount_folder(wheels, SOURCES[1], tmp_path / "input", layout, archives)
     plan = plans_for(kaggle_cfg)["infer"]
     folder = write_kernel(plan, tmp_path / "kernels")
     params = map_kaggle_paths({**plan.parameters, "source_hash": packed.content_hash},
                               tmp_path / "input", tmp_path / "working")
     nb = nbformat.read(folder / "infer.ipynb", as_version=4)
+    assert "def resolve_input(" in nb.cells[3].source  # the inlined resolver
     script = "\n".join([*(f"{k} = {v!r}" for k, v in params.items()), nb.cells[3].source,
-                        "print(guie.__file__)"])
+                        nb.cells[4].source, "print(guie.__file__)"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().startswith(str(packed.folder))
+    assert result.stdout.strip().startswith(str(mounted))
     bad = script.replace(packed.content_hash, "0" * 64)
     result = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=120)
     assert result.returncode != 0 and "SourceMismatchError" in result.stderr
+    # a missing source stops within seconds, naming the reference and what the root holds
+    shutil.rmtree(mounted)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=30)
+    assert result.returncode != 0
+    assert f"InputNotFound: dataset:{SOURCES[0]}: not attached" in result.stderr
+    assert ("datasets/me/" if layout == "current" else "guie-kit-wheels/") in result.stderr
 
 
 def test_infer_kernel_attaches_the_data_a_fitted_reduction_reads(kaggle_cfg):

@@ -41,9 +41,11 @@ def test_pack_source_takes_only_code_and_package_data(package, tmp_path):
     packed = pack_source(package, tmp_path / "out", write_template(tmp_path / "meta.json"), "me", [KEY])
     assert [rel for rel, _ in packed.files] == [
         "src/guie/__init__.py", "src/guie/config.py", "src/guie/data/reader.py",
-        "src/guie/model_configs/tiny.json"]
+        "src/guie/model_configs/tiny.json", "guie-source.json"]
+    # the marker by which the kernels find the dataset in any mount layout
+    assert json.loads((packed.folder / "guie-source.json").read_text())["hash"] == packed.content_hash
     on_disk = sorted(p.relative_to(packed.folder).as_posix() for p in packed.folder.rglob("*") if p.is_file())
-    assert on_disk == ["dataset-metadata.json", *[rel for rel, _ in packed.files]]
+    assert on_disk == sorted(["dataset-metadata.json", *[rel for rel, _ in packed.files]])
     assert packed.ref == "me/guie-kit-src"
     assert json.loads((packed.folder / "dataset-metadata.json").read_text())["id"] == "me/guie-kit-src"
     assert packed.content_hash == source_hash(package) == source_hash(packed.folder / "src" / "guie")
@@ -120,7 +122,7 @@ def test_repository_dataset_metadata_is_valid():
 
 
 def local_download(source: Path):
-    def download(requirements, dest: Path) -> None:
+    def download(requirements, dest: Path, python_version: str) -> None:
         for wheel in source.glob("*.whl"):
             shutil.copy2(wheel, dest / wheel.name)
     return download
@@ -133,10 +135,13 @@ def test_build_wheels_dataset_with_an_injected_download(tmp_path):
         make_wheel(source, dist, version)
     template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels", title="GUIE kit wheels",
                               licenses=[{"name": "other"}])
-    packed = build_wheels_dataset(tmp_path / "out", template, "me", [KEY], download=local_download(source))
+    packed = build_wheels_dataset(tmp_path / "out", template, "me", [KEY], "3.11",
+                                  download=local_download(source))
     assert sorted(name for name, _ in packed.files) == [
-        "ftfy-6.3.1-py3-none-any.whl", "open_clip_torch-3.3.0-py3-none-any.whl",
-        "wcwidth-0.9.4-py3-none-any.whl"]
+        "ftfy-6.3.1-py3-none-any.whl", "open_clip_torch-3.3.0-py3-none-any.whl"]
+    marker = json.loads((packed.folder / "guie-wheels.json").read_text())
+    assert marker["requirements"] == list(packaging.WHEEL_REQUIREMENTS)
+    assert marker["python_version"] == "3.11"
     assert not (packed.folder / "unrelated-1.0-py3-none-any.whl").exists()
     assert packed.ref == "me/guie-kit-wheels"
 
@@ -146,11 +151,12 @@ def test_wheels_dataset_refuses_missing_or_platform_wheels(tmp_path):
     source = tmp_path / "wheelhouse"
     make_wheel(source, "open_clip_torch", "3.3.0")
     with pytest.raises(PackagingError, match="no wheel for ftfy==6.3.1"):
-        build_wheels_dataset(tmp_path / "out", template, "me", [], download=local_download(source))
+        build_wheels_dataset(tmp_path / "out", template, "me", [], "3.11",
+                             download=local_download(source))
     make_wheel(source, "ftfy", "6.3.1", tag="cp311-cp311-linux_x86_64")
-    make_wheel(source, "wcwidth", "0.9.4")
     with pytest.raises(PackagingError, match="not a pure-Python wheel"):
-        build_wheels_dataset(tmp_path / "out", template, "me", [], download=local_download(source))
+        build_wheels_dataset(tmp_path / "out", template, "me", [], "3.11",
+                             download=local_download(source))
 
 
 def test_install_wheels_skips_what_is_installed(tmp_path):
@@ -172,3 +178,60 @@ def test_pack_file_dataset_links_the_file(tmp_path):
     weights.write_bytes(KEY.encode())
     with pytest.raises(SecretLeakError):
         pack_file_dataset(weights, tmp_path / "out", meta, [KEY])
+
+
+def test_unmet_requirements_names_what_is_missing_or_too_old():
+    versions = {"timm": "1.0.15", "regex": "2024.1.1", "torch": "2.4.0+cu121"}
+    problems = packaging.unmet_requirements(
+        ["torch>=2.0", "timm>=1.0.17", "regex", "safetensors", "webdataset<=0.2.86; extra == 'training'",
+         "huggingface-hub[cli]>=0.20,<3"], installed=versions.get)
+    assert problems == ["timm 1.0.15 is installed, but timm>=1.0.17 is needed",
+                        "safetensors is missing (needed: safetensors)",
+                        "huggingface-hub is missing (needed: huggingface-hub[cli]>=0.20,<3)"]
+    assert packaging.unmet_requirements(["a~=1.4", "b!=2.0", "c<3"], {"a": "1.9", "b": "2.0.1",
+                                                                      "c": "3.0"}.get) == [
+        "c 3.0 is installed, but c<3 is needed"]
+
+
+def test_check_requirements_passes_here_and_names_a_missing_need(monkeypatch):
+    packaging.check_requirements(packaging.CHECKED_DISTRIBUTIONS)  # this venv has open_clip's needs
+    real = packaging._installed
+    monkeypatch.setattr(packaging, "_installed", lambda name: None if name == "timm" else real(name))
+    with pytest.raises(PackagingError, match="open_clip_torch needs it: timm is missing"):
+        packaging.check_requirements(packaging.CHECKED_DISTRIBUTIONS)
+
+
+def test_pip_download_asks_for_pure_wheels_for_kaggles_python(tmp_path):
+    command = packaging.pip_download_command(["ftfy==6.3.1"], tmp_path, "3.11")
+    for flag, value in (("--platform", "any"), ("--implementation", "py"), ("--abi", "none"),
+                        ("--python-version", "3.11")):
+        assert command[command.index(flag) + 1] == value
+    assert "--only-binary=:all:" in command and "--no-deps" in command
+
+
+@pytest.mark.slow
+def test_real_pip_download_installs_offline_and_imports_open_clip(tmp_path):
+    """The registry as it is today: pure wheels for Kaggle's Python, installed with --no-index
+    into a scratch target, and open_clip imported from there (not from this venv)."""
+    import subprocess
+    import sys
+
+    from guie.kaggle.platform import KAGGLE_PYTHON_FALLBACK
+
+    template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels",
+                              title="GUIE kit wheels", licenses=[{"name": "other"}])
+    packed = build_wheels_dataset(tmp_path / "wheels", template, "me", [KEY],
+                                  KAGGLE_PYTHON_FALLBACK)
+    names = sorted(name for name, _ in packed.files)
+    assert len(names) == len(packaging.WHEEL_REQUIREMENTS)
+    assert all(name.endswith("-none-any.whl") for name in names), names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                    "--target", str(target), *(str(packed.folder / n) for n in names)], check=True)
+    probe = ("import open_clip, ftfy; print(open_clip.__file__); print(ftfy.__file__); "
+             "print(sorted(open_clip.list_models())[:1])")
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                          check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(str(target)) and lines[1].startswith(str(target)), lines

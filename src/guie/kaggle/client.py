@@ -144,6 +144,41 @@ class KaggleClient:
             raise kind(f"{'create' if created else 'version'} dataset {ref}: {message}")
         return DatasetPush(ref, answer.url or f"https://www.kaggle.com/datasets/{ref}", created)
 
+    def dataset_version(self, ref: str) -> int | None:
+        """The dataset's current version number (GetDataset), or None if it does not exist."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+
+        owner, slug = ref.split("/")
+
+        def get() -> Any:
+            request = ApiGetDatasetRequest()
+            request.owner_slug, request.dataset_slug = owner, slug
+            return self._sdk_call(lambda k: k.datasets.dataset_api_client.get_dataset(request))
+        try:
+            return int(self.read(f"dataset info {ref}", get).current_version_number) or None
+        except NotFoundError:
+            return None
+
+    def wait_dataset_version(self, ref: str, previous: int | None, timeout_s: float = 1800,
+                             poll_s: float = 5) -> int:
+        """Poll until a version newer than `previous` is current and ready; its number.
+
+        Right after CreateDatasetVersion the status can still read "ready" for the previous
+        version (field guide 5a): a kernel pushed then mounts the old source and fails its hash
+        check, so "ready" alone is not enough.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            version = self.dataset_version(ref)
+            if version is not None and (previous is None or version > previous):
+                self.wait_dataset_ready(ref, timeout_s=max(deadline - time.monotonic(), 1),
+                                        poll_s=poll_s)
+                return version
+            if time.monotonic() > deadline:
+                raise KaggleError(f"dataset {ref}: still at version {version} after "
+                                  f"{timeout_s:.0f} s (expected a version after {previous})")
+            self._sleep(poll_s)
+
     def wait_dataset_ready(self, ref: str, timeout_s: float = 1800, poll_s: float = 5,
                            missing_grace_polls: int = 6) -> None:
         """Poll until the dataset's newest version is processed (Kaggle mounts only ready ones).
@@ -228,6 +263,23 @@ class KaggleClient:
             log_path = dest / f"{slug}.log"
             log_path.write_text(log_raw)
         return KernelOutput(tuple(files), log_path, render_log(log_raw))
+
+    def kernel_output_names(self, ref: str) -> list[str]:
+        """The file names of the kernel's latest output (nothing downloaded)."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
+
+        owner, slug = ref.split("/")[:2]
+        names, token = [], ""
+        while True:
+            request = ApiListKernelSessionOutputRequest()
+            request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
+            request.page_token = token or None
+            answer = self.read(f"list output of kernel {ref}", lambda: self._sdk_call(
+                lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
+            names += [item.file_name for item in answer.files or []]
+            token = answer.next_page_token
+            if not token:
+                return names
 
     def _sdk_call(self, fn: Callable[[Any], T]) -> T:
         with self.api.build_kaggle_client() as kaggle:

@@ -1,39 +1,41 @@
 """`submit.py local`: execute the very notebooks `push` sends, here, with papermill.
 
-The source is packed as it would be uploaded (`/kaggle/input/<slug>` becomes
-`<out>/kaggle/input/<slug>`), the kernels are planned and built exactly as for a push, then
-executed with Kaggle's paths mapped to local folders. Around them this process measures what
-Kaggle cannot show: mP@5 of the untrained model, after each stage, and through the reloaded
-`saved_model.pt` fed one uint8 image at a time as the host does.
+The kernels are built by the same `build_kernels` as for a push; the source dataset is mounted
+under `<out>/kaggle/input` as Kaggle mounts it now (`datasets/<owner>/<slug>/`, or the legacy
+`<slug>/` with `layout="legacy"`), the training kernel's output (`<out>`) as an attached
+notebook's output, and the notebooks run with `input_root` and `out_dir` pointed there. Around
+them this process measures what Kaggle cannot show: mP@5 of the untrained model, after each
+stage, and through the reloaded `saved_model.pt` fed one uint8 image at a time as the host does.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-
 from guie.config import save_config
-from guie.kaggle.notebooks import kernel_config, map_kaggle_paths, plan_kernels, write_kernel
-from guie.kaggle.packaging import dataset_metadata, pack_source
+from guie.kaggle import packaging
+from guie.kaggle.build import build_kernels
+from guie.kaggle.emulate import Archives, Layout, mount_folder, mount_notebook_output
+from guie.kaggle.notebooks import kernel_config, map_kaggle_paths
+from guie.kaggle.platform import KAGGLE_PYTHON_FALLBACK
 from guie.pipeline import (prepare, score_export, score_untrained, stages_of,
                            write_curves, write_report)
 from guie.train.checkpoint import load_checkpoint
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-METADATA = PACKAGE_DIR.parents[1] / "datasets-metadata"
 LOCAL_OWNER = "local"
 
 
-def execute(notebook: Path, parameters: dict, executed: Path, cwd: Path) -> None:
+def execute(notebook: Path, parameters: dict, executed: Path, cwd: Path, verbose: bool) -> None:
     import papermill
 
     papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
-                               kernel_name="python3", cwd=str(cwd), progress_bar=False,
-                               log_output=True)  # the kernel's own progress bars, live
+                               kernel_name="python3", cwd=str(cwd), progress_bar=not verbose,
+                               log_output=verbose)  # the kernel's own output, live
 
 
 def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
-                        compat: str = "none") -> dict:
+                        compat: str = "none", layout: Layout = "current",
+                        archives: Archives = "unpacked", verbose: bool = False) -> dict:
     out = Path(out_dir).resolve()
     cwd = Path.cwd()  # relative data roots resolve as they do in-process
     cfg = kernel_config(config_name, overrides)
@@ -42,25 +44,27 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
     save_config(cfg, out / "config.json")
     report = {**score_untrained(session), "notebooks": str(out / "notebooks")}
 
-    inputs = out / "kaggle" / "input"
-    template = METADATA / "guie-src" / "dataset-metadata.json"
-    slug = dataset_metadata(template, LOCAL_OWNER)["id"].split("/")[1]
-    source = pack_source(PACKAGE_DIR, inputs / slug, template, LOCAL_OWNER, secrets=[])
-    plans = plan_kernels(cfg, config_name, overrides, LOCAL_OWNER, source_ref=source.ref,
-                         wheels_ref=f"{LOCAL_OWNER}/guie-wheels", source_hash=source.content_hash,
-                         compat=compat, data_root="")
-    built = out / "kaggle" / "kernels"
+    work, inputs = out / "kaggle", out / "kaggle" / "input"
+    build = build_kernels(cfg, config_name, overrides, LOCAL_OWNER, work, secrets=[],
+                          compat=compat)
+    mount_folder(build.source.folder, build.source.ref, inputs, layout, archives)
+    # This environment has the wheels installed already: the dataset holds only its marker, and
+    # the kernel checks the installed versions instead.
+    wheels = work / "datasets" / build.wheels_ref.split("/")[1]
+    wheels.mkdir(parents=True, exist_ok=True)
+    packaging.write_wheels_marker(wheels, packaging.WHEEL_REQUIREMENTS, KAGGLE_PYTHON_FALLBACK)
+    mount_folder(wheels, build.wheels_ref, inputs, layout, archives)
+    mount_notebook_output(out, build.plans["train"].ref, inputs, layout)
+
     executed = out / "notebooks"
     executed.mkdir(parents=True, exist_ok=True)
     env_before = os.environ.get("GUIE_NPROC")
     os.environ.setdefault("GUIE_NPROC", "1")  # one process on a CPU machine
     try:
         for kind in ("train", "infer"):
-            folder = write_kernel(plans[kind], built)
-            params = map_kaggle_paths(plans[kind].parameters, inputs, out)
-            if kind == "infer":
-                params["checkpoint"] = str(out)  # the training kernel's output, here
-            execute(folder / f"{kind}.ipynb", params, executed / f"{kind}.ipynb", cwd)
+            params = map_kaggle_paths(build.plans[kind].parameters, inputs, out)
+            execute(build.folders[kind] / f"{kind}.ipynb", params, executed / f"{kind}.ipynb",
+                    cwd, verbose)
     finally:
         if env_before is None:
             os.environ.pop("GUIE_NPROC", None)

@@ -1,26 +1,36 @@
 """Build the training and inference kernels from the templates in kernels/.
 
 A kernel is a folder with the notebook (the template with the experiment's parameters injected
-by papermill, `prepare_only`) and its kernel-metadata.json. `submit.py local` executes the same
-built notebook with papermill, the Kaggle paths mapped to local folders (`map_kaggle_paths`).
+by papermill, `prepare_only`) and its kernel-metadata.json. Parameters carry references to what
+is attached (`dataset:owner/slug`, `notebook:owner/slug`), never a guessed mount path: the
+kernels resolve each at run time with `guie.kaggle.inputs`, whose text the builder inlines into
+the cell tagged `guie-inline` (the source dataset must be found before `guie` is importable).
+`submit.py local` executes the same built notebook with papermill, `input_root` and `out_dir`
+pointed at local folders laid out as Kaggle mounts them (`guie.kaggle.emulate`).
 
-`kernel_config` and `prepare_resume` run inside the kernels; they import nothing heavy.
+`kernel_config`, `prepare_resume`, `record_run` and `check_training_run` run inside the
+kernels; they import nothing heavy.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from guie.kaggle.inputs import (KAGGLE_INPUT, RUN_MARKER, InputRef, is_kaggle_ref,
+                                parse_weights_ref, resolve_input, resolve_kaggle_path)
+from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE
+
 COMPETITION = "google-universal-image-embedding"
-KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
-DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"  # Kaggle's 2xT4 machine (SaveKernel's documented names)
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "kernels"  # the repository's kernels/
-Kind = Literal["train", "infer"]
+INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module it names
+Kind = Literal["train", "infer", "probe"]
 
 
 class NotebookError(ValueError):
@@ -42,22 +52,89 @@ class KernelPlan:
 # ----------------------------------------------------------------------------- inside kernels
 
 
-def kernel_config(config_name: str, overrides: Sequence[str], data_root: str = ""):
-    """The experiment config a kernel runs: a shipped config, the overrides, the data root."""
+def _source_location(location: str, slug: str) -> str:
+    """A source's location inside its dataset: a leading folder named after the slug (the legacy
+    mount, where the data root was /kaggle/input) is the dataset itself."""
+    parts = Path(location).parts
+    return str(Path(*parts[1:])) if parts and parts[0] == slug else location
+
+
+def resolve_config_inputs(cfg, input_root: str):
+    """The config with every Kaggle reference in it replaced by where it is mounted: data
+    sources by their kaggle_slug, `kaggle:OWNER/SLUG/FILE` weights, soup and concat runs."""
+    sources = []
+    for src in cfg.data.sources:
+        if src.kaggle_slug:
+            ref = InputRef("dataset", *src.kaggle_slug.split("/"))
+            folder = resolve_input(ref, input_root)
+            inner = _source_location(src.location, ref.slug)
+            src = replace(src, location=str(folder / inner) if inner not in ("", ".") else str(folder))
+        sources.append(src)
+    model = replace(cfg.model, pretrained_path=resolve_kaggle_path(cfg.model.pretrained_path, input_root))
+    export = replace(cfg.export,
+                     soup=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.soup),
+                     concat=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.concat))
+    return replace(cfg, data=replace(cfg.data, sources=tuple(sources)), model=model, export=export)
+
+
+def kernel_config(config_name: str, overrides: Sequence[str], data_root: str = "",
+                  input_root: str | None = None):
+    """The experiment config a kernel runs: a shipped config, the overrides, the data root, and
+    (input_root given) its Kaggle references resolved to where this session mounts them."""
     from guie.config import apply_overrides
     from guie.configs import get_config
 
     extra = [f"data.root={data_root}"] if data_root else []
-    return apply_overrides(get_config(config_name), [*overrides, *extra])
+    cfg = apply_overrides(get_config(config_name), [*overrides, *extra])
+    return resolve_config_inputs(cfg, input_root) if input_root is not None else cfg
 
 
-def prepare_resume(resume_from: str, out_dir: str) -> bool:
+def weights_datasets(cfg) -> list[str]:
+    """owner/slug of every dataset the config's `kaggle:` references name."""
+    values = [cfg.model.pretrained_path, *cfg.export.soup, *cfg.export.concat]
+    return list(dict.fromkeys(parse_weights_ref(v)[0].ref for v in values if is_kaggle_ref(v)))
+
+
+def run_identity(config_name: str, overrides: Sequence[str], source_hash: str) -> dict:
+    """What identifies a training run: the config, its overrides and the source it runs."""
+    body = {"config_name": config_name, "overrides": list(overrides), "source_hash": source_hash}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return {"run_id": digest, **body}
+
+
+def record_run(out_dir: str, run: dict, status: str) -> Path:
+    """The training output's marker: which run it holds and whether it finished."""
+    path = Path(out_dir) / RUN_MARKER
+    path.write_text(json.dumps({**run, "status": status}, indent=2) + "\n")
+    return path
+
+
+def check_training_run(checkpoint_dir: str | Path, expected: dict) -> str:
+    """The attached training output, if it holds the finished run this push trains."""
+    marker = Path(checkpoint_dir) / RUN_MARKER
+    found = json.loads(marker.read_text()) if marker.is_file() else {}
+    if found.get("run_id") != expected.get("run_id"):
+        raise NotebookError(
+            f"{checkpoint_dir} holds training run {found.get('run_id', 'unknown')} (config "
+            f"{found.get('config_name')!r}, overrides {found.get('overrides')}, source "
+            f"{str(found.get('source_hash', ''))[:12]}), not run {expected.get('run_id')} (config "
+            f"{expected.get('config_name')!r}, overrides {expected.get('overrides')}, source "
+            f"{str(expected.get('source_hash', ''))[:12]}) that this kernel was built for. Kaggle "
+            "attached the training kernel's previous output: wait until the training kernel "
+            "has finished (`submit.py status --wait`), then `submit.py push --kernels infer`.")
+    if found.get("status") != "done":
+        raise NotebookError(
+            f"{checkpoint_dir}: training run {found['run_id']} is {found.get('status')!r}, not "
+            "done (it stopped at max_hours or failed): resume it with `submit.py push "
+            "--kernels train --resume-kernel OWNER/SLUG`, then push the inference kernel.")
+    return str(checkpoint_dir)
+
+
+def prepare_resume(resume_input: str, out_dir: str, input_root: str = KAGGLE_INPUT) -> bool:
     """Copy a previous run's output (read-only on Kaggle) into out_dir, so training resumes."""
-    if not resume_from:
+    if not resume_input:
         return False
-    source = Path(resume_from)
-    if not source.is_dir():
-        raise NotebookError(f"resume_from: {source} is not a folder (attach the previous run)")
+    source = resolve_input(resume_input, input_root, marker=RUN_MARKER)
     shutil.copytree(source, out_dir, dirs_exist_ok=True)
     return True
 
@@ -110,31 +187,34 @@ def check_kernel_metadata(meta: dict) -> None:
 
 def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: str, *,
                  source_ref: str, wheels_ref: str, source_hash: str, max_hours: float = 11.0,
-                 compat: str = "none", data_root: str | None = None,
+                 compat: str = "none", data_root: str = "",
                  resume_kernel: str | None = None, extra_datasets: Sequence[str] = (),
                  machine_shape: str = DEFAULT_MACHINE_SHAPE, private: bool = True,
-                 train_internet: bool = False) -> dict[Kind, KernelPlan]:
+                 train_internet: bool = False, expected_run: dict | None = None
+                 ) -> dict[Kind, KernelPlan]:
     """Parameters and metadata of both kernels for one experiment.
 
-    data_root None: /kaggle/input when the config names Kaggle datasets, else the config's own
-    root (the sample-data configs build their data under the working folder).
+    Every input travels as a reference the kernel resolves (`guie.kaggle.inputs`); data sources
+    by their kaggle_slug, weights by their `kaggle:` reference, both attached here.
+    expected_run: the training run the inference kernel must find (default: the run this
+    config, these overrides and this source make).
     """
     data_slugs = [s.kaggle_slug for s in cfg.data.sources if s.kaggle_slug]
-    if data_root is None:
-        data_root = KAGGLE_INPUT if data_slugs else ""
     refs = {kind: f"{owner}/{slugify_title(kernel_title(kind, config_name))}"
             for kind in ("train", "infer")}
+    run = run_identity(config_name, overrides, source_hash)
     common = {
         "config_name": config_name, "overrides": list(overrides), "source_hash": source_hash,
-        "source_dir": f"{KAGGLE_INPUT}/{source_ref.split('/')[1]}",
-        "wheels_dir": f"{KAGGLE_INPUT}/{wheels_ref.split('/')[1]}",
-        "data_root": data_root, "out_dir": KAGGLE_WORKING,
+        "input_root": KAGGLE_INPUT, "source_input": f"dataset:{source_ref}",
+        "wheels_input": f"dataset:{wheels_ref}", "data_root": data_root,
+        "out_dir": KAGGLE_WORKING,
     }
-    resume_from = f"{KAGGLE_INPUT}/{resume_kernel.split('/')[1]}" if resume_kernel else ""
-    train_params = {**common, "resume_from": resume_from, "max_hours": float(max_hours)}
-    infer_params = {**common, "checkpoint": f"{KAGGLE_INPUT}/{refs['train'].split('/')[1]}",
-                    "compat": compat}
-    base_sources = [source_ref, wheels_ref, *extra_datasets]
+    resume_input = f"notebook:{resume_kernel}" if resume_kernel else ""
+    train_params = {**common, "run": run, "resume_input": resume_input,
+                    "max_hours": float(max_hours)}
+    infer_params = {**common, "checkpoint_input": f"notebook:{refs['train']}",
+                    "expected_run": expected_run or run, "compat": compat}
+    base_sources = [source_ref, wheels_ref, *weights_datasets(cfg), *extra_datasets]
     train_meta = kernel_metadata(
         refs["train"], kernel_title("train", config_name), "train.ipynb", enable_gpu=True,
         enable_internet=train_internet, dataset_sources=[*base_sources, *data_slugs],
@@ -150,6 +230,15 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
         kernel_sources=[refs["train"]], machine_shape=machine_shape, is_private=private)
     return {"train": KernelPlan("train", refs["train"], train_params, train_meta),
             "infer": KernelPlan("infer", refs["infer"], infer_params, infer_meta)}
+
+
+def plan_probe(owner: str, machine_shape: str = DEFAULT_MACHINE_SHAPE) -> KernelPlan:
+    """The probe kernel: no inputs attached, GPU on, internet off, as the real kernels run."""
+    ref = f"{owner}/{slugify_title(kernel_title('probe', 'platform'))}"
+    meta = kernel_metadata(ref, kernel_title("probe", "platform"), "probe.ipynb", enable_gpu=True,
+                           enable_internet=False, dataset_sources=[],
+                           machine_shape=machine_shape)
+    return KernelPlan("probe", ref, {"input_root": KAGGLE_INPUT, "out_dir": KAGGLE_WORKING}, meta)
 
 
 # ----------------------------------------------------------------------------- building
@@ -174,6 +263,8 @@ def build_notebook(template: str | Path, parameters: dict[str, Any], out_path: s
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+        if INLINE_TAG in cell.metadata.get("tags", []):
+            cell.source = inline_module_source(cell.metadata.get("guie_module", ""), template)
     # papermill records the absolute local paths it read and wrote; they say nothing on Kaggle.
     nb.metadata.papermill.update(input_path=template.name, output_path=out_path.name)
     nb.metadata.kernelspec = dict(KERNELSPEC)
@@ -199,6 +290,18 @@ def injected_parameters(notebook_path: str | Path) -> dict[str, Any]:
     import nbformat
 
     return dict(nbformat.read(notebook_path, as_version=4).metadata.papermill.parameters)
+
+
+def inline_module_source(module: str, where: Path) -> str:
+    """The text of a standard-library-only module of the kit, for a `guie-inline` cell."""
+    if not module.startswith("guie.kaggle."):
+        raise NotebookError(f"{where}: a {INLINE_TAG} cell must name a guie.kaggle module in its "
+                            f"metadata.guie_module, not {module!r}")
+    path = Path(importlib.import_module(module).__file__)
+    # A cell's text may be run as part of a longer script, where a __future__ import must come
+    # first; the kit's inlined modules run on Python >= 3.10 without it.
+    text = path.read_text().replace("from __future__ import annotations\n", "")
+    return f"# {module}, inlined by the kit's notebook builder (standard library only)\n" + text
 
 
 def map_kaggle_paths(parameters: dict[str, Any], input_dir: str | Path,

@@ -6,6 +6,9 @@ pure-Python needs), since the inference kernel runs offline. A content hash of t
 source is injected into each notebook, which refuses to run against another version: Kaggle
 mounts whatever version of a dataset is current, not the one the notebook was built with.
 
+Each dataset also holds a marker file at its root (`guie.kaggle.inputs`), by which the kernels
+find it whatever layout Kaggle mounts it in.
+
 This module runs on Kaggle too (`verify_source_hash`, `install_wheels`): standard library only.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from guie.kaggle.inputs import SOURCE_MARKER, WHEELS_MARKER
+
 OWNER_PLACEHOLDER = "KAGGLE_USERNAME"  # in datasets-metadata/*: replaced by the user's name
 PACKAGE_FILE_SUFFIXES = (".py", ".json")  # code and package data (model_configs/*.json)
 EXCLUDED_DIR_NAMES = frozenset({
@@ -31,8 +36,10 @@ EXCLUDED_DIR_NAMES = frozenset({
     "build", "dist", ".git"})
 SECRET_FILE_NAMES = frozenset({"kaggle.json", "access_token", "access_token.txt", "credentials.json"})
 # What the offline kernels import that Kaggle's image lacks; pure-Python wheels only, pinned to
-# the versions this kit is tested with.
-WHEEL_REQUIREMENTS = ("open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.4")
+# the versions this kit is tested with. ftfy's own need, wcwidth, ships with Kaggle's IPython.
+WHEEL_REQUIREMENTS = ("open_clip_torch==3.3.0", "ftfy==6.3.1")
+# Installed with --no-deps, so the kernel checks what they need itself, before training.
+CHECKED_DISTRIBUTIONS = ("open_clip_torch", "ftfy")
 _CHUNK_BYTES = 8 << 20
 
 
@@ -186,8 +193,12 @@ def pack_source(package_dir: str | Path, dest: str | Path, metadata_template: st
         (target / rel).write_bytes(data)
     meta = dataset_metadata(metadata_template, owner)
     _write_metadata(folder, meta)
-    files = tuple((f"src/{package_dir.name}/{rel}", len(tree[rel])) for rel in sorted(tree))
-    return PackedDataset(folder, meta["id"], files, tree_hash(tree))
+    content_hash = tree_hash(tree)
+    marker = json.dumps({"kind": "guie-source", "hash": content_hash}, indent=2) + "\n"
+    (folder / SOURCE_MARKER).write_text(marker)
+    files = (*((f"src/{package_dir.name}/{rel}", len(tree[rel])) for rel in sorted(tree)),
+             (SOURCE_MARKER, len(marker)))
+    return PackedDataset(folder, meta["id"], files, content_hash)
 
 
 # ----------------------------------------------------------------------------- wheels
@@ -205,18 +216,35 @@ def _wheel_parts(path: Path) -> tuple[str, str, str]:
     return _norm(parts[0]), parts[1], "-".join(parts[-3:])
 
 
-def pip_download(requirements: Sequence[str], dest: Path) -> None:
-    """Download exactly these wheels, without dependencies (their needs are listed explicitly)."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "--dest", str(dest), *requirements], check=True)
+def pip_download_command(requirements: Sequence[str], dest: Path, python_version: str) -> list[str]:
+    """`pip download` of pure-Python wheels for Kaggle's Python, not for this machine.
+
+    A plain download picks the wheel that fits this machine best, which for a project that
+    also ships compiled wheels (wcwidth 0.9.4 has an abi3 one) is not the pure one.
+    """
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--platform", "any", "--implementation", "py", "--abi", "none",
+            "--python-version", python_version, "--dest", str(dest), *requirements]
+
+
+def pip_download(requirements: Sequence[str], dest: Path, python_version: str) -> None:
+    """Download exactly these wheels, without dependencies (the kernel checks their needs)."""
+    done = subprocess.run(pip_download_command(requirements, dest, python_version),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise PackagingError(f"pip download of {' '.join(requirements)} (pure-Python wheels for "
+                             f"Python {python_version}) failed:\n{tail}")
 
 
 def build_wheels_dataset(dest: str | Path, metadata_template: str | Path, owner: str,
-                         secrets: Sequence[str], requirements: Sequence[str] = WHEEL_REQUIREMENTS,
-                         download: Callable[[Sequence[str], Path], None] = pip_download) -> PackedDataset:
+                         secrets: Sequence[str], python_version: str,
+                         requirements: Sequence[str] = WHEEL_REQUIREMENTS,
+                         download: Callable[[Sequence[str], Path, str], None] = pip_download
+                         ) -> PackedDataset:
     """Fill dest with one pure-Python wheel per pinned requirement, plus the metadata."""
     folder = _fresh_folder(Path(dest))
-    download(list(requirements), folder)
+    download(list(requirements), folder, python_version)
     wheels = {(_wheel_parts(p)[0], _wheel_parts(p)[1]): p for p in folder.glob("*.whl")}
     for requirement in requirements:
         name, _, version = requirement.partition("==")
@@ -231,9 +259,18 @@ def build_wheels_dataset(dest: str | Path, metadata_template: str | Path, owner:
     scan_for_secrets(paths, secrets)
     meta = dataset_metadata(metadata_template, owner)
     _write_metadata(folder, meta)
+    write_wheels_marker(folder, requirements, python_version)
     tree = {p.name: p.read_bytes() for p in paths}
     return PackedDataset(folder, meta["id"], tuple((p.name, p.stat().st_size) for p in paths),
                          tree_hash(tree))
+
+
+def write_wheels_marker(folder: Path, requirements: Sequence[str], python_version: str) -> Path:
+    """The wheels dataset's marker, by which the kernels find it in any mount layout."""
+    path = Path(folder) / WHEELS_MARKER
+    path.write_text(json.dumps({"kind": "guie-wheels", "requirements": list(requirements),
+                                "python_version": python_version}, indent=2) + "\n")
+    return path
 
 
 def install_wheels(wheels_dir: str | Path) -> list[str]:
@@ -248,13 +285,71 @@ def install_wheels(wheels_dir: str | Path) -> list[str]:
         unmet = [r for r in WHEEL_REQUIREMENTS if _installed(r.split("==")[0]) != r.split("==")[1]]
         if unmet:
             raise PackagingError(f"{wheels_dir}: no wheels here, and {unmet} are not installed")
+        check_requirements(CHECKED_DISTRIBUTIONS)
         return []
     missing = [w for w in wheels if _installed(_wheel_parts(w)[0]) != _wheel_parts(w)[1]]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
                         *map(str, missing)], check=True)
         importlib.invalidate_caches()
+    check_requirements(CHECKED_DISTRIBUTIONS)
     return [w.name for w in missing]
+
+
+# ----------------------------------------------------------------------------- their needs
+
+
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+        "!=": lambda a, b: a != b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+        "~=": lambda a, b: a >= b and a[:max(len(b) - 1, 1)] == b[:max(len(b) - 1, 1)]}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """1.0.17 -> (1, 0, 17); pre-release and local parts dropped (enough for lower bounds)."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
+
+
+def unmet_requirements(requirements: Iterable[str],
+                       installed: Callable[[str], str | None] | None = None) -> list[str]:
+    """Which `name>=x,<y` requirements (extras-only ones skipped) the environment does not meet."""
+    installed = installed or _installed
+    problems = []
+    for line in requirements:
+        spec, _, marker = line.partition(";")
+        if "extra" in marker:
+            continue
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^]]*\])?\s*(.*)", spec)
+        name, constraints = match.group(1), match.group(2).strip()
+        have = installed(name)
+        if have is None:
+            problems.append(f"{name} is missing (needed: {spec.strip()})")
+            continue
+        for clause in filter(None, (c.strip() for c in constraints.split(","))):
+            op = next(o for o in sorted(_OPS, key=len, reverse=True) if clause.startswith(o))
+            if not _OPS[op](_release(have), _release(clause[len(op):].strip())):
+                problems.append(f"{name} {have} is installed, but {spec.strip()} is needed")
+    return problems
+
+
+def check_requirements(distributions: Sequence[str]) -> None:
+    """Raise naming each need of these (no-deps installed) distributions that is missing or old."""
+    problems = []
+    for dist in distributions:
+        if _installed(dist) is None:
+            problems.append(f"{dist} is not installed")
+            continue
+        problems += [f"{dist} needs it: {p}" for p in
+                     unmet_requirements(importlib.metadata.requires(dist) or [])]
+    if problems:
+        raise PackagingError("The kernel's Python lacks what the wheels need (they are installed "
+                             "with --no-deps): " + "; ".join(problems) + ". Add the missing "
+                             "wheels to the wheels dataset or pin a version Kaggle's image has.")
 
 
 def _installed(name: str) -> str | None:
