@@ -81,6 +81,9 @@ class Dataset:
     statuses: list[str] = field(default_factory=list)  # answered in turn; the last one sticks
     zip_files: bool = False  # serve each single-file download as <name>.zip, as Kaggle may
     created: list[datetime] = field(default_factory=list)  # per version, for Last-Modified
+    # After a new version: GetDataset still reports the previous version number, and the status
+    # still reads ready (the previous version's), for this many GetDataset polls (field guide 5a).
+    stale_polls: int = 0
 
 
 @dataclass
@@ -159,6 +162,7 @@ class FakeKaggle:
         self.leaderboard: list[dict] = []
         self.missing_datasets: set[str] = set()  # dataset sources SaveKernel reports as invalid
         self.ready_after_polls = 1  # GetDatasetStatus answers "not yet" this many times first
+        self.stale_version_polls = 0  # see Dataset.stale_polls
         self.upload_break: str | None = None  # "503" or "drop": the next blob PUT breaks midway
         self.reject_submission: str | None = None  # CreateCodeSubmission answers 400 with this
         self.daily_cap = 5
@@ -323,6 +327,8 @@ class FakeKaggle:
         dataset = self.datasets.get(f"{req.owner_slug}/{req.dataset_slug}")
         if dataset is None:
             raise ApiError(404, "Dataset not found")
+        if dataset.stale_polls > 0:
+            return {"status": "READY"}  # the previous version's
         status = dataset.statuses.pop(0) if len(dataset.statuses) > 1 else dataset.statuses[0]
         return {"status": status}
 
@@ -349,6 +355,7 @@ class FakeKaggle:
             raise ApiError(409, f"The dataset slug {req.slug!r} is already in use")
         dataset = Dataset(ref, req.title, req.license_name, req.is_private)
         dataset.versions.append(self._files(req.files, "CreateDataset"))
+        dataset.created.append(datetime.now(timezone.utc))
         dataset.statuses = self._new_statuses()
         self.datasets[ref] = dataset
         return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "Ok"}
@@ -362,7 +369,9 @@ class FakeKaggle:
             raise ApiError(400, "CreateDatasetVersion: versionNotes are required")
         dataset = self.datasets[ref]
         dataset.versions.append(self._files(req.body.files, "CreateDatasetVersion"))
+        dataset.created.append(datetime.now(timezone.utc))
         dataset.statuses = self._new_statuses()
+        dataset.stale_polls = self.stale_version_polls
         return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "Ok"}
 
     def _readable_dataset(self, owner: str, slug: str) -> Dataset:
@@ -381,8 +390,12 @@ class FakeKaggle:
     def _get_dataset(self, req: Any, raw: dict) -> dict:
         dataset = self._readable_dataset(req.owner_slug, req.dataset_slug)
         files = dataset.versions[-1]
+        current = len(dataset.versions)
+        if dataset.stale_polls > 0:
+            dataset.stale_polls -= 1
+            current -= 1
         return {"ref": dataset.ref, "title": dataset.title, "licenseName": dataset.license_name,
-                "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions),
+                "isPrivate": dataset.is_private, "currentVersionNumber": current,
                 "totalBytes": sum(len(b) for b in files.values()),
                 "lastUpdated": _iso(dataset.created[-1]),
                 "url": f"https://www.kaggle.com/datasets/{dataset.ref}"}

@@ -37,7 +37,7 @@ def workdir(tmp_path: Path) -> str:
 @pytest.fixture
 def pushed(fake_kaggle, workdir, wheelhouse):
     assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
-               SOURCES) == 0
+               "--wait", SOURCES) == 0
     return fake_kaggle
 
 
@@ -78,14 +78,16 @@ def test_push_dry_run_works_without_credentials(fake_kaggle, workdir, monkeypatc
 
 
 def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, capsys):
+    fake_kaggle.stale_version_polls = 3  # only matters for the second push below
     assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
-               SOURCES) == 0
+               "--wait", SOURCES) == 0
     fake = fake_kaggle
     created = {c["slug"]: c for c in fake.rpc_calls("CreateDataset")}
     assert set(created) == {"guie-kit-src", "guie-kit-wheels"}
     assert all(c["isPrivate"] for c in created.values())
     files = fake.received_files()
     assert "src.zip/guie/__init__.py" in files and "src.zip/guie/kaggle/client.py" in files
+    assert "guie-source.json" in files and "guie-wheels.json" in files  # the kernels' markers
     assert not [n for n in files if "__pycache__" in n or n.endswith(".pyc")]
     assert "open_clip_torch-3.3.0-py3-none-any.whl" in files
     uploaded_hash = tree_hash({n[len("src.zip/guie/"):]: d for n, d in files.items()
@@ -103,18 +105,73 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
     params = notebook_parameters(train)
     assert params["config_name"] == "smoke" and params["overrides"] == [SOURCES]
     assert params["source_hash"] == uploaded_hash  # the notebook checks what was uploaded
-    assert params["source_dir"] == "/kaggle/input/guie-kit-src" and params["max_hours"] == 11.0
-    assert notebook_parameters(infer)["checkpoint"] == "/kaggle/input/guie-train-smoke"
+    assert params["source_input"] == f"dataset:{SRC}" and params["max_hours"] == 11.0
+    assert notebook_parameters(infer)["checkpoint_input"] == f"notebook:{TRAIN}"
+    assert notebook_parameters(infer)["expected_run"] == params["run"]
     assert_no_key_sent(fake)
+    # the inference kernel went out only after the training kernel had finished
+    order = [name for name, _ in fake.calls if name in ("SaveKernel", "GetKernelSessionStatus")]
+    assert order[0] == "SaveKernel" and order[-1] == "SaveKernel" and "GetKernelSessionStatus" in order
 
     out = capsys.readouterr().out
     assert "https://www.kaggle.com/code/fake-user/guie-train-smoke" in out
     state = json.loads((Path(workdir) / "state.json").read_text())
     assert state["kernels"]["infer"] == {"ref": INFER, "url": f"https://www.kaggle.com/code/{INFER}",
-                                         "version": 1}
+                                         "version": 1, "run": params["run"]}
+    assert state["wheels"]["python_version"] == "3.11"  # no probe record: the kit's fallback
+
+
+def test_push_without_wait_sends_training_only_and_says_what_next(fake_kaggle, workdir, wheelhouse,
+                                                                   capsys):
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               SOURCES) == 0
+    assert [b["slug"] for b in fake_kaggle.rpc_calls("SaveKernel")] == [TRAIN]
+    out = capsys.readouterr().out
+    assert "status --wait`, then `submit.py push --config smoke --kernels infer`" in out
+
+
+def test_a_new_source_version_is_awaited_by_number_not_by_ready(pushed, workdir, wheelhouse,
+                                                                 monkeypatch, capsys):
+    """Right after a new version the status still reads ready (the old version's): kernels pushed
+    then would mount the old source. Push waits until the version number has gone up."""
+    import guie.kaggle.packaging as packaging
+
+    pushed.stale_version_polls = 3
+    state = json.loads((Path(workdir) / "state.json").read_text())
+    state["source"]["hash"] = "changed"  # as if the source had changed since the last push
+    (Path(workdir) / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", SOURCES) == 0
+    polls = [name for name, _ in pushed.calls]
+    last_version = len(polls) - 1 - polls[::-1].index("CreateDatasetVersion")
+    waited = polls[last_version:polls.index("SaveKernel", last_version)]
+    assert waited.count("GetDataset") >= 4  # 3 stale answers, then the new number
+    assert f"dataset {SRC}: version 2 ready" in capsys.readouterr().out
+
+
+def test_push_refuses_an_unknown_machine_shape_and_warns_for_a_p100(fake_kaggle, workdir, capsys):
+    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1") == 1
+    assert "not a shape the kit knows" in capsys.readouterr().err
+    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1",
+               "--allow-unknown-machine-shape") == 0
+    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaP100") == 0
+    assert "without sm_60 kernels" in capsys.readouterr().out
+
+
+def test_push_dry_run_names_the_weights_and_warns_without_them(fake_kaggle, workdir, capsys):
+    assert cli("push", "--dry-run", "--workdir", workdir, "model.backbone=ViT-H-14") == 0
+    assert "starts from RANDOM weights" in capsys.readouterr().out
+    assert cli("push", "--dry-run", "--workdir", workdir,
+               "model.pretrained_path=kaggle:fake-user/guie-weights-vit/w.bin") == 0
+    out = capsys.readouterr().out
+    assert "weights: kaggle:fake-user/guie-weights-vit/w.bin (attached from Kaggle)" in out
+    assert '"fake-user/guie-weights-vit"' in out  # in both kernels' dataset_sources
+    assert "Kaggle's 20 GB cap: fits" in out
 
 
 def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
+    pushed.add_kernel_run(TRAIN, [("COMPLETE", "")], {}, "")
     calls_before = len(pushed.calls)
     assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
                "--kernels", "infer", SOURCES) == 0
@@ -238,7 +295,9 @@ def test_push_weights(fake_kaggle, workdir, tmp_path, capsys):
     dataset = fake_kaggle.datasets[f"{USERNAME}/guie-weights-open-clip-vit-h"]
     assert dataset.versions[0] == {"open_clip_vit_h.bin": weights.read_bytes()}
     assert dataset.license_name == "other"
-    assert "/kaggle/input/guie-weights-open-clip-vit-h/open_clip_vit_h.bin" in capsys.readouterr().out
+    # the exact value a config takes; push attaches the dataset and the kernel resolves it
+    assert ("model.pretrained_path=kaggle:fake-user/guie-weights-open-clip-vit-h/open_clip_vit_h.bin"
+            in capsys.readouterr().out)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -273,9 +332,60 @@ def test_command_line_status_submit_and_uploads(pushed, workdir, tmp_path):
 @pytest.mark.slow
 def test_command_line_push_and_leaderboard(fake_kaggle, workdir, wheelhouse):
     run_command_line(fake_kaggle, "push", "--workdir", workdir, "--wheels-from", str(wheelhouse),
-                     "--poll-s", "0")
+                     "--poll-s", "0", "--wait")
     run_command_line(fake_kaggle, "leaderboard", "--workdir", workdir)
     assert len(fake_kaggle.rpc_calls("SaveKernel")) == 2
     assert len(fake_kaggle.rpc_calls("CreateDataset")) == 2
     assert (Path(workdir) / "history.csv").exists()
     assert_no_key_sent(fake_kaggle)
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+PROBE = f"{USERNAME}/guie-probe-platform"
+
+
+def test_probe_records_the_platform_and_push_uses_it(fake_kaggle, workdir, wheelhouse, tmp_path,
+                                                     capsys):
+    from guie.kaggle.probe import record_platform
+
+    assert cli("probe", "--workdir", workdir) == 0
+    body = fake_kaggle.rpc_calls("SaveKernel")[0]
+    assert body["slug"] == PROBE and not body.get("datasetDataSources")
+    assert body["enableInternet"] is False
+    assert "def record_platform(" in body["text"]  # the probe's body travels inlined
+    # Kaggle's answer, recorded: this machine's real record, as if Kaggle ran Python 3.12
+    (tmp_path / "input" / "datasets").mkdir(parents=True)
+    record = record_platform(str(tmp_path), str(tmp_path / "input"))
+    assert record["layout"] == "current" and record["packages"]["torch"]
+    record["python"] = "3.12.4"
+    fake_kaggle.add_kernel_run(PROBE, [("COMPLETE", "")],
+                               {"guie-platform.json": json.dumps(record).encode()}, "")
+    assert cli("status", "--wait", "--workdir", workdir, "--poll-s", "0") == 0
+    assert "push uses it from now on" in capsys.readouterr().out
+    assert json.loads((Path(workdir) / "platform.json").read_text())["python"] == "3.12.4"
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", SOURCES) == 0
+    state = json.loads((Path(workdir) / "state.json").read_text())
+    assert state["wheels"]["python_version"] == "3.12" and state["probe"]["ref"] == PROBE
+    marker = fake_kaggle.received_files()["guie-wheels.json"]
+    assert json.loads(marker)["python_version"] == "3.12"
+
+
+def test_submit_refuses_an_unknown_kernel_version(pushed, workdir, capsys):
+    state = json.loads((Path(workdir) / "state.json").read_text())
+    state["kernels"]["infer"]["version"] = None  # push answered without a version number
+    (Path(workdir) / "state.json").write_text(json.dumps(state))
+    complete_infer(pushed)
+    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert "version of kernel fake-user/guie-infer-smoke is unknown" in capsys.readouterr().err
+    assert cli("submit", "--workdir", workdir, "--yes", "--version", "1") == 0
+    assert pushed.rpc_calls("CreateCodeSubmission")[0]["kernelVersion"] == 1
+
+
+def test_submit_refuses_an_output_without_the_submission(pushed, workdir, capsys):
+    pushed.add_kernel_run(INFER, [("COMPLETE", "")], {"other.txt": b"x"}, "")
+    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert "output submission.zip MISSING" in capsys.readouterr().out
+    assert pushed.rpc_calls("CreateCodeSubmission") == []
