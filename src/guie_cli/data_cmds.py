@@ -4,6 +4,8 @@
     submit.py data stats [--config NAME | --manifests] [--root DIR] [--out DIR]
 
 Without `--config` or datasets, `fetch` takes the reference recipe's sources (third_place).
+A wrong config, dataset reference or missing data ends in one `error:` line (exit 2, printed by
+guie_cli.main); `fetch` exits 1 when some datasets did not download.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from guie.configs import get_config, list_configs
+from guie_cli.main import UserError
 
 DEFAULT_CONFIG = "third_place"  # the reference recipe
 
@@ -22,32 +25,30 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from guie.data.tfrecord import DataError
     from guie.kaggle.client import KaggleClient, KaggleError
 
+    # Mistakes before any download (config, refs, options, credentials) reach main as one
+    # `error:` line; a dataset failing below is reported and the others still download.
     if args.refs and args.config:
-        print("error: give either --config or datasets, not both", file=sys.stderr)
-        return 2
-    try:
-        if args.refs:
-            datasets = [(fetch.DatasetRef.parse(r), ()) for r in args.refs]
-            num_classes, config = 0, None
-        else:
-            config = args.config or DEFAULT_CONFIG
-            cfg = get_config(config)
-            datasets, unfetchable = fetch.plan(cfg.data.sources)
-            num_classes = cfg.num_classes
-            for name in unfetchable:
-                print(f"note: source {name!r} names no Kaggle dataset; not fetched", file=sys.stderr)
-            if not datasets:
-                raise DataError(f"config {config!r} names no Kaggle datasets (kaggle_slug)")
-        if not 0.0 <= args.image_sample <= 1.0:
-            raise ValueError("--image-sample: a share between 0 and 1")
-        options = fetch.FetchOptions(
-            dest=Path(args.dest), image_fraction=0.0 if args.no_verify_images else args.image_sample,
-            workers=args.workers, max_corrupt_records=args.max_corrupt, reverify=args.reverify,
-            num_classes=num_classes, progress=not args.quiet)
-        client = KaggleClient.connect()
-    except (DataError, KaggleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError("data fetch: give either --config or datasets, not both")
+    if args.refs:
+        datasets = [(fetch.DatasetRef.parse(r), ()) for r in args.refs]
+        num_classes, config = 0, None
+    else:
+        config = args.config or DEFAULT_CONFIG
+        cfg = get_config(config)
+        datasets, unfetchable = fetch.plan(cfg.data.sources)
+        num_classes = cfg.num_classes
+        for name in unfetchable:
+            print(f"note: source {name!r} names no Kaggle dataset; not fetched", file=sys.stderr)
+        if not datasets:
+            raise DataError(f"config {config!r} names no Kaggle datasets (kaggle_slug)")
+    if not 0.0 <= args.image_sample <= 1.0:
+        raise UserError(f"data fetch: --image-sample is a share between 0 and 1, got "
+                        f"{args.image_sample}")
+    options = fetch.FetchOptions(
+        dest=Path(args.dest), image_fraction=0.0 if args.no_verify_images else args.image_sample,
+        workers=args.workers, max_corrupt_records=args.max_corrupt, reverify=args.reverify,
+        num_classes=num_classes, progress=not args.quiet)
+    client = KaggleClient.connect()
     rows, failures = [], 0
     for dref, sources in datasets:
         try:
@@ -77,25 +78,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from guie.data import fetch, stats
-    from guie.data.tfrecord import DataError
 
     cfg = get_config(args.config)
     root = args.root or (cfg.data.root if cfg.data.sample_instances > 0 else "data")
-    try:
-        if args.manifests:
-            sources = fetch.manifest_sources(root)
-            if not sources:
-                raise DataError(f"no {fetch.MANIFEST} under {root}/*/ (run `data fetch` first)")
-        elif cfg.data.sample_instances > 0:
-            from guie.data.sample import build_sample_data
+    fetch_command = f"python submit.py data fetch --config {args.config} --dest {root}"
+    if args.manifests:
+        sources = fetch.manifest_sources(root)
+        if not sources:
+            raise UserError(f"data stats: no {fetch.MANIFEST} under {root}/*/, so nothing was "
+                            f"fetched there; download with `{fetch_command}`")
+    elif cfg.data.sample_instances > 0:
+        from guie.data.sample import build_sample_data
 
-            sources = build_sample_data(root, cfg.data.sample_instances, cfg.data.sample_views)
-        else:
-            sources = cfg.data.sources
-        report = stats.write_stats(sources, root, cfg.data, args.out, grid_images=args.grid)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        sources = build_sample_data(root, cfg.data.sample_instances, cfg.data.sample_views)
+    else:
+        sources = cfg.data.sources
+    stats.require_sources(sources, root, f"`{fetch_command}`, or give --root where they are")
+    report = stats.write_stats(sources, root, cfg.data, args.out, grid_images=args.grid)
     print(stats.format_stats(report))
     print(f"\nwritten: {args.out}/stats.json, stats.txt"
           + (f", {len(report['grids'])} sample grid(s)" if report["grids"] else ""))

@@ -1,21 +1,24 @@
 """`submit.py search`: show what a TorchScript model retrieves from a folder of images.
 
 Writes into --out: report.html (self-contained), contact_sheet.png, neighbours.csv, and the
-saved embeddings index.npz / queries.npz that later runs reuse.
+saved embeddings index.npz / queries.npz that later runs reuse. `--model` takes the exported
+saved_model.pt or the submission.zip holding it; mistakes in the arguments, a model file of the
+wrong kind (a training checkpoint) or a model breaking the contract end in one `error:` line
+(exit 2, printed by guie_cli.main).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import torch
 
 from guie.metrics import knn
-from guie.retrieval.index import Embedder, ModelContractError, update_index
+from guie.retrieval.index import Embedder, update_index
 from guie.retrieval.labels import leave_one_out, labels_from_csv, labels_from_folders
 from guie.retrieval.report import Match, QueryResult, SkippedFile, write_report
+from guie_cli.main import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,12 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "images of each --query image and write a self-contained HTML report, a "
                     "contact sheet and, where the index has labels, leave-one-out mP@k.")
     parser.add_argument("--model", type=Path, required=True,
-                        help="TorchScript saved_model.pt following the competition contract")
+                        help="the exported model: saved_model.pt (TorchScript following the "
+                             "competition contract) or the submission.zip holding it")
     parser.add_argument("--index", type=Path, required=True,
                         help="folder of images to search (labels: one sub-folder per class)")
     parser.add_argument("--query", type=Path, required=True, help="an image or a folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report and cache")
-    parser.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    parser.add_argument("--k", type=int, default=5, help="neighbours per query")
     parser.add_argument("--max-side", type=int, default=None,
                         help="downscale images whose longest side exceeds this (default: "
                              "original size, as the Kaggle host feeds them)")
@@ -47,8 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_search(args: argparse.Namespace) -> int:
     problem = _check_args(args)
     if problem:
-        print(f"search: {problem}", file=sys.stderr)
-        return 2
+        raise UserError(f"search: {problem}")
     out = args.out.resolve()
     index_root = args.index.resolve()
     query_path = args.query.resolve()
@@ -56,30 +59,25 @@ def run_search(args: argparse.Namespace) -> int:
     try:  # read before any embedding, so a bad file fails fast
         csv_labels = labels_from_csv(args.labels, index_root) if args.labels else None
     except (ValueError, OSError) as exc:
-        print(f"search: bad --labels file: {exc}", file=sys.stderr)
-        return 2
-    try:
-        embedder = Embedder(args.model, device=args.device, max_side=args.max_side,
-                            batch_size=args.batch_size)
-    except (RuntimeError, OSError, ValueError) as exc:
-        print(f"search: cannot load the TorchScript model {args.model}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        index, index_stats = update_index(index_root, embedder, out / "index.npz",
-                                          exclude=exclude, desc="index")
-        print(f"index {index_root}: {len(index.entries)} images, {len(index.skipped)} skipped "
-              f"({index_stats.describe()})")
-        if not index.entries:
-            print(f"search: no image in {index_root} could be embedded", file=sys.stderr)
-            return 1
-        query_root = query_path.parent if query_path.is_file() else query_path
-        only = [query_path.name] if query_path.is_file() else None
-        queries, query_stats = update_index(query_root, embedder, out / "queries.npz",
-                                            exclude=exclude, only=only, donor=index,
-                                            desc="queries")
-    except ModelContractError as exc:
-        print(f"search: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(f"search: bad --labels file: {exc}") from exc
+    # A checkpoint or a zip without saved_model.pt is a ModelFileError, and a model breaking
+    # the contract a ModelContractError: both reach main as one `error:` line.
+    embedder = Embedder(args.model, device=args.device, max_side=args.max_side,
+                        batch_size=args.batch_size)
+    index, index_stats = update_index(index_root, embedder, out / "index.npz",
+                                      exclude=exclude, desc="index")
+    print(f"index {index_root}: {len(index.entries)} images, {len(index.skipped)} skipped "
+          f"({index_stats.describe()})")
+    if not index.entries:
+        raise UserError(f"search: no image in {index_root} could be embedded ("
+                        f"{len(index.skipped)} file(s) skipped"
+                        + (f", e.g. {index.skipped[0].path}: {index.skipped[0].reason}"
+                           if index.skipped else "") + ")")
+    query_root = query_path.parent if query_path.is_file() else query_path
+    only = [query_path.name] if query_path.is_file() else None
+    queries, query_stats = update_index(query_root, embedder, out / "queries.npz",
+                                        exclude=exclude, only=only, donor=index,
+                                        desc="queries")
     print(f"queries {query_path}: {len(queries.entries)} images, {len(queries.skipped)} skipped "
           f"({query_stats.describe()})")
 
@@ -112,8 +110,8 @@ def _summary(args, model_sha256: str, index, index_stats, queries, query_path: P
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
-    if not args.model.is_file():
-        return f"--model {args.model} is not a file"
+    if not args.model.exists():
+        return f"--model {args.model} does not exist"
     if not args.index.is_dir():
         return f"--index {args.index} is not a folder"
     if not args.query.exists():

@@ -5,7 +5,6 @@ Set GUIE_UPDATE_SCREENSHOT=1 to also copy the screenshot to docs/retrieval-scree
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from guie_cli import search
+from guie_cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -31,10 +30,8 @@ window.addEventListener('load', () => {
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="submit.py")
-    search.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`submit.py ARGV` as the command line runs it, errors printed by guie_cli.main."""
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +97,16 @@ def test_second_run_reuses_the_index_and_query_inside_index_skips_itself(
 def test_bad_arguments_are_reported(tmp_path, model_path, capsys):
     status = run_cli(["search", "--model", str(tmp_path / "none.pt"), "--index", str(tmp_path),
                       "--query", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert status == 2 and "is not a file" in capsys.readouterr().err
+    assert status == 2
+    assert capsys.readouterr().err == f"error: search: --model {tmp_path / 'none.pt'} does not exist\n"
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "notes.txt").write_text("not an image\n")
     status = run_cli(["search", "--model", str(model_path), "--index", str(empty),
                       "--query", str(empty), "--out", str(tmp_path / "o")])
-    assert status == 1 and "no image" in capsys.readouterr().err
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert status == 2 and last.startswith(f"error: search: no image in {empty} could be embedded")
+    assert "e.g. notes.txt: not an image" in last
 
 
 def _chromium() -> str | None:
@@ -163,4 +164,4 @@ def test_csv_labels_and_a_bad_csv(tmp_path, model_path, load_photo, capsys):
 
     labels.write_text("coffee.png\n")
     assert run_cli(argv) == 2
-    assert "bad --labels file" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: search: bad --labels file")

@@ -4,10 +4,11 @@ Each states only what differs from the defaults in `guie.config` (via `dataclass
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 
-from guie.config import ExperimentConfig
+from guie.config import ConfigError, ExperimentConfig
 
 
 def list_configs() -> list[str]:
@@ -15,7 +16,13 @@ def list_configs() -> list[str]:
 
 
 def get_config(name: str) -> ExperimentConfig:
+    """The shipped config `name` (`-` and `_` alike); an unknown name is a ConfigError that
+    suggests the nearest shipped one and lists them all."""
     module_name = name.replace("-", "_")
-    if module_name not in list_configs():
-        raise ValueError(f"unknown config {name!r}; shipped: {', '.join(list_configs())}")
+    shipped = list_configs()
+    if module_name not in shipped:
+        close = difflib.get_close_matches(module_name, shipped, n=1, cutoff=0.6)
+        raise ConfigError(f"unknown config `{name}`"
+                          + (f"; did you mean `{close[0]}`?" if close else "")
+                          + f" (shipped: {', '.join(shipped)})")
     return importlib.import_module(f"{__name__}.{module_name}").CONFIG

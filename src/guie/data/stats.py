@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from guie.config import DataConfig, DataSource
 from guie.data.dataset import decode_rgb, read_bytes
 from guie.data.fetch import format_bytes, load_manifest
-from guie.data.sources import filter_classes, merge_sources
+from guie.data.sources import _resolve, filter_classes, merge_sources
 from guie.data.tfrecord import DataError
 
 # Images per class, bins [edge, next edge); the last bin is open.
@@ -83,6 +83,33 @@ def _manifest_summary(src: DataSource, root: Path) -> dict | None:
         return None
     return {"ref": manifest["kaggle"]["ref"], "version": manifest["kaggle"]["version"],
             "verified_at": manifest["verified_at"], "corrupt_records": manifest["corrupt_records"]}
+
+
+def missing_sources(sources, root: str | Path) -> list[tuple[DataSource, Path]]:
+    """The sources whose shard folder or CSV is not there, with the path looked for (resolved
+    against `root` as loading resolves it)."""
+    missing = []
+    for src in sources:
+        where = _resolve(src.location, root)
+        if not (where.is_dir() if src.kind == "tfrecord" else where.is_file()):
+            missing.append((src, where))
+    return missing
+
+
+def require_sources(sources, root: str | Path, fetch_hint: str) -> None:
+    """A DataError naming what is missing and `fetch_hint` (how to get it) unless every source
+    is there: with no data at all, one line says so instead of one source's missing folder."""
+    sources = tuple(sources)
+    missing = missing_sources(sources, root)
+    if not missing:
+        return
+    names = ", ".join(src.name for src, _ in missing)
+    folder = str(root).rstrip("/") + "/"
+    what = (f"no data in {folder}: none of the {len(sources)} sources is there" if
+            len(missing) == len(sources) else
+            f"{len(missing)} of {len(sources)} sources missing in {folder} ({names})")
+    raise DataError(f"{what} (looked for {missing[0][1]}{', ...' if len(missing) > 1 else ''}); "
+                    f"download them with {fetch_hint}")
 
 
 def compute_stats(sources, root: str | Path, cfg: DataConfig) -> tuple[dict, pd.DataFrame]:

@@ -1,7 +1,7 @@
 """Embed a folder once with a TorchScript model and keep the result as a reusable index file.
 
-The model is used through `torch.jit.load` alone, so any model following the competition
-contract works: forward takes [B, 3, H, W] RGB 0..255 (uint8 here) and returns [B, D] floats.
+The model is used through `torch.jit.load` alone (from a TorchScript file or straight from a
+submission.zip, see `model_file`), so any model following the competition contract works: forward takes [B, 3, H, W] RGB 0..255 (uint8 here) and returns [B, D] floats.
 
 The saved index (one `.npz`, replaced atomically) holds the embeddings, each file's relative
 path, size, mtime and image size, the files that were skipped and why, the model file's sha256
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guie.retrieval.images import DEFAULT_MAX_PIXELS, SkippedImage, list_files, load_image
+from guie.retrieval.model_file import load_torchscript
 
 INDEX_FORMAT_VERSION = 1
 Embedded = tuple[torch.Tensor, tuple[int, int]]  # (embedding [D], original (width, height))
@@ -145,12 +145,10 @@ class Embedder:
         if max_side is not None and max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
         self.model_path = Path(model_path)
-        self.model_sha256 = file_sha256(self.model_path)
         self.device = torch.device(device)
-        with warnings.catch_warnings():
-            # TorchScript is what the competition host loads: torch's deprecation notice is noise.
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
-            self.model = torch.jit.load(str(self.model_path), map_location=self.device).eval()
+        # A TorchScript file or a submission.zip; anything else is a ModelFileError saying what.
+        self.model = load_torchscript(self.model_path, self.device)
+        self.model_sha256 = file_sha256(self.model_path)
         self.max_side = max_side
         self.max_pixels = max_pixels
         self.batch_size = batch_size

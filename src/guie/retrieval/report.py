@@ -3,11 +3,14 @@
 The page embeds every thumbnail as a base64 JPEG data URI, so it can be mailed or attached to a
 Kaggle dataset and still show everything. It lists each query with its top-k neighbours (file
 name, distance, and green/red where labels say right/wrong), the leave-one-out mP@k section when
-the index has labels, and every skipped file with its reason.
+the index has labels, and every skipped file with its reason. The contact sheet writes file
+names in DejaVu Sans (shipped with matplotlib), falling back per character to any installed font
+that has the glyph, so `chat_é.png` is not drawn as `chat_□.png`.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from collections.abc import Sequence
@@ -24,6 +27,8 @@ THUMB_MIN_SIDE = 48  # smaller images (down to 1 x 1) are enlarged, pixelated, t
 WORST_QUERIES = 10
 SHEET_MAX_ROWS = 50  # queries drawn on the contact sheet (the page shows all)
 _SHEET_TEXT_PX = 30
+_SHEET_FONT_PX = 11
+_LINE_PX = 12
 _COLOURS = {True: "#1a7f37", False: "#cf222e", None: "#8c959f"}
 
 
@@ -190,7 +195,7 @@ def contact_sheet(results: Sequence[QueryResult], thumbs: Thumbnails) -> Image.I
     columns = 1 + max((len(r.matches) for r in rows), default=0)
     sheet = Image.new("RGB", (max(1, columns) * cell_w, max(1, len(rows)) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=11)
+    font = SheetFont(_SHEET_FONT_PX)
     for row_no, result in enumerate(rows):
         cells = [(result.file, result.name, "query", None)] + [
             (m.file, m.name, f"#{rank} d={m.distance:.3f}", m.correct)
@@ -203,21 +208,88 @@ def contact_sheet(results: Sequence[QueryResult], thumbs: Thumbnails) -> Image.I
                            width=3)
             sheet.paste(thumb, (x + 4 + (thumbs.side - thumb.width) // 2,
                                 y + 4 + (thumbs.side - thumb.height) // 2))
-            for line_no, text in enumerate((line, _shorten(name, 26))):
-                draw.text((x + 4, y + thumbs.side + 9 + 12 * line_no), _drawable(text, font),
-                          fill="black", font=font)
+            for line_no, text in enumerate((line, font.fit(name, cell_w - 8))):
+                font.draw(draw, (x + 4, y + thumbs.side + 9 + _LINE_PX * line_no), text)
     return sheet
 
 
-def _shorten(text: str, chars: int) -> str:
-    return text if len(text) <= chars else "…" + text[-(chars - 1):]
+class SheetFont:
+    """Text in DejaVu Sans, which matplotlib ships (Latin, Greek, Cyrillic, ...), each character
+    the primary font lacks drawn in the first installed font matplotlib knows that has it (CJK
+    where the machine has such a font). PIL's own default font has ASCII only."""
+
+    def __init__(self, size_px: int):
+        import matplotlib
+
+        primary = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        self.size_px = size_px
+        self.primary = ImageFont.truetype(str(primary), size_px)
+        self._primary_path = str(primary)
+        self._by_path: dict[str, ImageFont.FreeTypeFont] = {self._primary_path: self.primary}
+        self._path_of: dict[str, str] = {}  # character -> the font file that draws it
+
+    def font_for(self, char: str) -> ImageFont.FreeTypeFont:
+        """The font that draws `char`: the primary, a fallback with the glyph, else the primary
+        (whose missing-glyph box then shows that no installed font has it)."""
+        path = self._path_of.get(char)
+        if path is None:
+            path = next((p for p in (self._primary_path, *_fallback_font_paths())
+                         if ord(char) in _charmap(p)), self._primary_path)
+            self._path_of[char] = path
+        if path not in self._by_path:
+            self._by_path[path] = ImageFont.truetype(path, self.size_px)
+        return self._by_path[path]
+
+    def runs(self, text: str) -> list[tuple[str, ImageFont.FreeTypeFont]]:
+        """`text` cut into pieces that one font draws."""
+        runs: list[tuple[str, ImageFont.FreeTypeFont]] = []
+        for char in text:
+            font = self.font_for(char)
+            if runs and runs[-1][1] is font:
+                runs[-1] = (runs[-1][0] + char, font)
+            else:
+                runs.append((char, font))
+        return runs
+
+    def width_px(self, text: str) -> float:
+        return sum(font.getlength(run) for run, font in self.runs(text))
+
+    def fit(self, text: str, width_px: int) -> str:
+        """`text`, or its end after "…" where the whole is wider than `width_px`."""
+        if self.width_px(text) <= width_px:
+            return text
+        for start in range(1, len(text)):
+            if self.width_px("…" + text[start:]) <= width_px:
+                return "…" + text[start:]
+        return "…"
+
+    def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str,
+             fill: str = "black") -> None:
+        """Draw `text` with its top-left at `xy`, every run on the primary font's baseline."""
+        x, baseline = float(xy[0]), xy[1] + self.primary.getmetrics()[0]
+        for run, font in self.runs(text):
+            draw.text((x, baseline), run, fill=fill, font=font, anchor="ls")
+            x += font.getlength(run)
 
 
-def _drawable(text: str, font) -> str:
-    # PIL's fallback bitmap font (no FreeType) only has Latin-1 glyphs.
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return text
-    return text.encode("latin-1", "replace").decode("latin-1")
+@functools.lru_cache(maxsize=None)
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):  # a font file FreeType cannot read: no glyphs
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_font_paths() -> tuple[str, ...]:
+    """Installed fonts matplotlib has indexed, except "Last Resort" (a glyph for every code point
+    that is itself a placeholder box)."""
+    from matplotlib import font_manager
+
+    return tuple(sorted({entry.fname for entry in font_manager.fontManager.ttflist
+                         if not entry.name.lower().startswith("last resort")}))
 
 
 def _esc(text: str) -> str:
