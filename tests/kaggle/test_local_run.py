@@ -30,9 +30,13 @@ def test_local_runs_the_kernels_notebooks(tmp_path, monkeypatch):
                 if "injected-parameters" not in c.metadata.get("tags", [])]
         assert injected_parameters(built)["out_dir"] == "/kaggle/working"
         assert executed.metadata.papermill.parameters["out_dir"] == str(out)
-    # the kernels imported the packed copy of the source, as on Kaggle, not this checkout
+    # the kernels found the packed copy of the source where Kaggle mounts it today, not this
+    # checkout, and the inference kernel checked it read this training run
     params = executed.metadata.papermill.parameters
-    assert params["source_dir"].startswith(str(out / "kaggle" / "input"))
-    assert (Path(params["source_dir"]) / "src" / "guie" / "__init__.py").is_file()
+    assert params["input_root"] == str(out / "kaggle" / "input")
+    mounted = out / "kaggle" / "input" / "datasets" / "local" / "guie-kit-src"
+    assert (mounted / "src" / "guie" / "__init__.py").is_file()
+    run = json.loads((out / "guie-run.json").read_text())
+    assert run["status"] == "done" and params["expected_run"]["run_id"] == run["run_id"]
     with zipfile.ZipFile(out / "submission.zip") as zf:
         assert zf.namelist() == ["saved_model.pt"]
