@@ -10,7 +10,8 @@ from PIL import Image
 
 from guie.config import DataConfig
 from guie.data.sources import filter_classes, merge_sources
-from guie.data.stats import class_histogram, format_stats, write_stats
+from guie.data.stats import (class_histogram, format_stats, missing_sources, require_sources,
+                             write_stats)
 from guie.data.tfrecord import DataError
 
 
@@ -57,3 +58,18 @@ def test_overlapping_label_ranges_are_an_error_unless_offset(sample_data, tmp_pa
     with pytest.raises(DataError, match="label ranges overlap.*label_offset"):
         write_stats((tf, replace(csv, label_offset=0)), root, DataConfig(), tmp_path)
     assert not (tmp_path / "stats.json").exists()
+
+
+def test_missing_sources_name_what_is_missing_and_how_to_fetch_it(sample_data, tmp_path):
+    root, (tf, csv) = sample_data
+    hint = "`python submit.py data fetch --config x --dest d`"
+    require_sources((tf, csv), root, hint)  # both there: nothing to say
+    gone = replace(tf, name="gone", location="no-such-folder")
+    assert missing_sources((tf, gone, csv), root) == [(gone, (root / "no-such-folder").absolute())]
+    with pytest.raises(DataError) as caught:
+        require_sources((tf, gone, csv), root, hint)
+    assert str(caught.value) == (f"1 of 3 sources missing in {root}/ (gone) (looked for "
+                                 f"{root.absolute() / 'no-such-folder'}); download them with {hint}")
+    with pytest.raises(DataError, match=rf"^no data in {tmp_path}/: none of the 2 sources is "
+                                        r"there \(looked for .*, \.\.\.\); download them with `"):
+        require_sources((tf, csv), tmp_path, hint)

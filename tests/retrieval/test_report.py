@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from guie.retrieval.labels import labels_from_csv, labels_from_folders, leave_one_out
-from guie.retrieval.report import Match, QueryResult, SkippedFile, write_report
+from guie.retrieval.report import (_LINE_PX, THUMB_SIDE, Match, QueryResult, SheetFont,
+                                   SkippedFile, Thumbnails, _charmap, _fallback_font_paths,
+                                   contact_sheet, write_report)
 
 
 def line_embeddings(positions: dict[str, float]) -> tuple[torch.Tensor, list[str]]:
@@ -100,3 +104,53 @@ def test_page_without_results_or_labels(tmp_path):
     page = html_path.read_text(encoding="utf-8")
     assert "No query image could be embedded" in page and "The index has no labels" in page
     assert sheet_path.exists()
+
+
+NO_FONT_HAS_IT = "\U0010fffd"  # a private-use code point: every font draws its missing-glyph box
+
+
+def name_row(name: str, photo_file) -> np.ndarray:
+    """The pixels of the file-name line under a query on a one-cell contact sheet."""
+    sheet = contact_sheet([QueryResult(name, photo_file, (1, 1), [])], Thumbnails())
+    top = THUMB_SIDE + 8 + _LINE_PX
+    return np.asarray(sheet)[top:top + _LINE_PX + 4]
+
+
+def test_contact_sheet_draws_non_ascii_names_with_their_glyphs(tmp_path, load_photo):
+    photo_file = tmp_path / "chat.png"
+    load_photo("chelsea").save(photo_file)
+    accented, boxed = name_row("chat_é.png", photo_file), name_row(f"chat_{NO_FONT_HAS_IT}.png",
+                                                                   photo_file)
+    # Same text up to one character: the rows differ only if é is drawn as itself, not as the
+    # box a font without it draws (PIL's default font, used before, made both rows the same).
+    assert (accented != boxed).any()
+    assert (accented < 128).any() and (name_row("chat_e.png", photo_file) != accented).any()
+    font = SheetFont(11)
+    for char in "chat_é.png":
+        assert ord(char) in _charmap(font.font_for(char).path)
+
+
+def glyph(font: SheetFont, text: str) -> np.ndarray:
+    image = Image.new("L", (40, 20), 255)
+    font.draw(ImageDraw.Draw(image), (2, 2), text)
+    return np.asarray(image)
+
+
+def test_a_character_dejavu_lacks_comes_from_another_installed_font():
+    font = SheetFont(11)
+    primary = _charmap(font.primary.path)
+    # matplotlib ships STIX beside DejaVu: letters and symbols DejaVu Sans does not have.
+    char = next(chr(c) for path in _fallback_font_paths() for c in sorted(_charmap(path) - primary)
+                if unicodedata.category(chr(c))[0] in "LS")
+    chosen = font.font_for(char)
+    assert chosen is not font.primary and ord(char) in _charmap(chosen.path)
+    assert (glyph(font, char) != glyph(font, NO_FONT_HAS_IT)).any()
+    assert font.font_for(NO_FONT_HAS_IT) is font.primary  # nothing has it: the box, not a crash
+
+
+def test_long_names_are_cut_to_the_cell_from_the_front():
+    font = SheetFont(11)
+    name = "a_really_long_folder_name/with_a_very_long_file_name_é_東京.jpg"
+    cut = font.fit(name, 160)
+    assert cut.startswith("…") and name.endswith(cut[1:]) and font.width_px(cut) <= 160
+    assert font.fit("short.png", 160) == "short.png"
