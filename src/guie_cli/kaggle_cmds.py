@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 from guie.kaggle import packaging
 from guie.kaggle.build import WHEELS_TEMPLATE, build_kernels
 from guie.kaggle.inputs import is_kaggle_ref
-from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, kernel_config, plan_probe,
+from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, kernel_config, owner_overrides,
+                                   plan_probe,
                                    slugify_title, write_kernel)
 from guie.kaggle.probe import PROBE_OUTPUT
 from guie.kaggle.platform import (DEFAULT_MACHINE_SHAPE, OUTPUT_CAP_BYTES, PLATFORM_RECORD,
@@ -149,6 +150,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
     warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
     client, owner, secrets = _secrets_and_owner(args)
+    overrides = [*args.overrides, *owner_overrides(cfg, owner)]
+    cfg = kernel_config(args.config, overrides)
     facts = platform_facts(args.workdir)
     state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
     chosen = ["train", "infer"] if args.kernels == "both" else [args.kernels]
@@ -158,14 +161,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     previous_train = state.get("kernels", {}).get("train", {})
     if chosen == ["infer"] and state.get("config") == args.config and previous_train.get("run"):
         expected_run = previous_train["run"]  # the run that kernel trains, not today's source
-    build = build_kernels(cfg, args.config, args.overrides, owner, args.workdir, secrets,
+    build = build_kernels(cfg, args.config, overrides, owner, args.workdir, secrets,
                           kinds=chosen, max_hours=args.max_hours, compat=args.compat,
                           data_root=args.data_root, resume_kernel=args.resume_kernel,
                           extra_datasets=args.dataset, machine_shape=args.machine_shape,
                           private=not args.public, train_internet=args.train_internet,
                           expected_run=expected_run)
     source, plans, folders = build.source, build.plans, build.folders
-    print(f"config {args.config}{' ' + ' '.join(args.overrides) if args.overrides else ''}: "
+    print(f"config {args.config}{' ' + ' '.join(overrides) if overrides else ''}: "
           f"kernels {', '.join(plans[k].ref for k in chosen)}")
     for line in [*warnings, *_weights_notes(cfg)]:
         print(line)

@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from guie.config import apply_overrides
 from guie.configs import get_config
 from guie.config import DataSource
 from guie.kaggle.emulate import mount_folder, mount_notebook_output, mount_point
@@ -240,3 +241,26 @@ def test_infer_kernel_attaches_the_data_a_fitted_reduction_reads(kaggle_cfg):
     assert "someone/glr-mini-tfrecords" in plans_for(pca)["infer"].metadata["dataset_sources"]
     pooled = replace(kaggle_cfg, export=replace(kaggle_cfg.export, reduction="avg_pool"))
     assert plans_for(pooled)["infer"].metadata["dataset_sources"] == list(SOURCES)
+
+
+def test_recipe_weights_name_the_dataset_push_weights_creates(tmp_path):
+    """README steps 2 and 3 connect: `push-weights open_clip_pytorch_model.bin` creates
+    <user>/guie-weights-open-clip-pytorch-model, which third_place reads once push fills in the
+    user, and the kernel finds it mounted in either layout."""
+    from guie.kaggle.notebooks import owner_overrides, slugify_title
+
+    cfg = get_config("third_place")
+    overrides = owner_overrides(cfg, "alice")
+    slug = slugify_title("guie weights open_clip_pytorch_model")  # what push-weights names it
+    assert overrides == [f"model.pretrained_path=kaggle:alice/{slug}/open_clip_pytorch_model.bin"]
+    assert owner_overrides(get_config("smoke"), "alice") == []
+    weights = mount_point(f"dataset:alice/{slug}", tmp_path, "legacy")
+    weights.mkdir(parents=True)
+    (weights / "open_clip_pytorch_model.bin").write_bytes(b"w")
+    for src in cfg.data.sources:
+        mount_point(f"dataset:{src.kaggle_slug}", tmp_path, "current").mkdir(parents=True)
+    resolved = kernel_config("third_place", overrides, input_root=str(tmp_path))
+    assert resolved.model.pretrained_path == str(weights / "open_clip_pytorch_model.bin")
+    assert resolved.data.sources[0].location == str(
+        tmp_path / "datasets" / "motono0223" / "guie-imagenet1k-mini1-tfrecords-label-0-999")
+    assert weights_datasets(apply_overrides(cfg, overrides)) == [f"alice/{slug}"]

@@ -31,7 +31,10 @@ CONFIG = replace(
     data=replace(_base.data, sources=SOURCES, root="/kaggle/input", min_per_class=1,
                  heldout_classes=0, num_workers=4),
     model=replace(_base.model, backbone="ViT-H-14",
-                  pretrained_path="/kaggle/input/open-clip-vit-h-14-laion2b/open_clip_pytorch_model.bin",
+                  # `submit.py push-weights open_clip_pytorch_model.bin` creates this dataset
+                  # (laion2b_s32b_b79k); push fills in your user name and attaches it.
+                  pretrained_path="kaggle:KAGGLE_USERNAME/guie-weights-open-clip-pytorch-model/"
+                                  "open_clip_pytorch_model.bin",
                   head="multi_dropout", num_branches=20, dropout_min=0.01, dropout=0.20,
                   grad_checkpointing=True),
     loss=replace(_base.loss, scale=30.0, margin_rad=0.3, subcenters=3),

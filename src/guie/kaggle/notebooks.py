@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from guie.kaggle.inputs import (KAGGLE_INPUT, RUN_MARKER, InputRef, is_kaggle_ref,
+from guie.kaggle.inputs import (KAGGLE_INPUT, RUN_MARKER, WEIGHTS_PREFIX, InputRef, is_kaggle_ref,
                                 parse_weights_ref, resolve_input, resolve_kaggle_path)
 from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE
 
@@ -29,6 +29,7 @@ COMPETITION = "google-universal-image-embedding"
 KAGGLE_WORKING = "/kaggle/working"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "kernels"  # the repository's kernels/
+OWNER_PLACEHOLDER = "KAGGLE_USERNAME"  # in shipped configs' kaggle: references, as in datasets-metadata
 INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module it names
 Kind = Literal["train", "infer", "probe"]
 
@@ -93,6 +94,23 @@ def weights_datasets(cfg) -> list[str]:
     """owner/slug of every dataset the config's `kaggle:` references name."""
     values = [cfg.model.pretrained_path, *cfg.export.soup, *cfg.export.concat]
     return list(dict.fromkeys(parse_weights_ref(v)[0].ref for v in values if is_kaggle_ref(v)))
+
+
+def owner_overrides(cfg, owner: str) -> list[str]:
+    """Overrides that put the pushing user's name into `kaggle:KAGGLE_USERNAME/...` references,
+    so a shipped recipe can name the dataset `push-weights` creates for whoever pushes it."""
+    placeholder = f"{WEIGHTS_PREFIX}{OWNER_PLACEHOLDER}/"
+
+    def own(value: str) -> str:
+        return value.replace(placeholder, f"{WEIGHTS_PREFIX}{owner}/", 1)
+    overrides = []
+    if cfg.model.pretrained_path.startswith(placeholder):
+        overrides.append(f"model.pretrained_path={own(cfg.model.pretrained_path)}")
+    for key in ("soup", "concat"):
+        values = getattr(cfg.export, key)
+        if any(v.startswith(placeholder) for v in values):
+            overrides.append(f"export.{key}={json.dumps([own(v) for v in values])}")
+    return overrides
 
 
 def run_identity(config_name: str, overrides: Sequence[str], source_hash: str) -> dict:
