@@ -1,0 +1,146 @@
+"""Resolving attached inputs in any mount layout (`guie.kaggle.inputs`), and Kaggle's machines."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guie.kaggle import platform
+from guie.kaggle.emulate import mount_notebook_output, mount_point
+from guie.kaggle.inputs import (SOURCE_MARKER, InputNotFound, InputRef, parse_weights_ref,
+                                resolve_input, resolve_kaggle_path)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("dataset:alice/guie-src", InputRef("dataset", "alice", "guie-src")),
+    ("notebook:alice/guie-train-smoke", InputRef("notebook", "alice", "guie-train-smoke")),
+    ("competition:google-universal-image-embedding",
+     InputRef("competition", "", "google-universal-image-embedding")),
+])
+def test_references_parse_and_print_back(text, parsed):
+    assert InputRef.parse(text) == parsed and str(parsed) == text
+
+
+@pytest.mark.parametrize("bad", ["alice/guie-src", "model:alice/x", "dataset:alice", "dataset:/x",
+                                 "competition:a/b", "notebook:a/b/c"])
+def test_bad_references_say_the_form(bad):
+    with pytest.raises(ValueError, match="expected"):
+        InputRef.parse(bad)
+
+
+@pytest.mark.parametrize("kind, current", [
+    ("dataset", "datasets/alice/guie-src"), ("notebook", "notebooks/alice/guie-src")])
+def test_current_then_legacy_layout(tmp_path, kind, current):
+    ref = f"{kind}:alice/guie-src"
+    (tmp_path / "guie-src").mkdir()
+    assert resolve_input(ref, tmp_path) == tmp_path / "guie-src"  # legacy only
+    (tmp_path / current).mkdir(parents=True)
+    assert resolve_input(ref, tmp_path) == tmp_path / current  # current wins
+
+
+def test_competition_data_in_both_layouts(tmp_path):
+    ref = "competition:google-universal-image-embedding"
+    (tmp_path / "competitions" / "google-universal-image-embedding").mkdir(parents=True)
+    assert resolve_input(ref, tmp_path).parent.name == "competitions"
+
+
+def test_marker_search_finds_an_input_under_another_name(tmp_path):
+    """A layout neither form predicts: the kit's marker is found by a bounded search."""
+    elsewhere = tmp_path / "mounts" / "v3" / "guie-kit-src-renamed"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / SOURCE_MARKER).write_text(json.dumps({"hash": "ab"}))
+    # a folder at the expected place without the marker is not taken
+    (tmp_path / "datasets" / "alice" / "guie-kit-src").mkdir(parents=True)
+    assert resolve_input("dataset:alice/guie-kit-src", tmp_path, marker=SOURCE_MARKER) == elsewhere
+    deep = tmp_path / "a" / "b" / "c" / "d" / "e" / "guie"
+    deep.mkdir(parents=True)
+    (deep / SOURCE_MARKER).write_text("{}")
+    (elsewhere / SOURCE_MARKER).unlink()
+    with pytest.raises(InputNotFound):  # the search is bounded
+        resolve_input("dataset:alice/guie-kit-src", tmp_path, marker=SOURCE_MARKER)
+
+
+def test_a_missing_input_names_the_reference_and_lists_two_levels(tmp_path):
+    for folder in ("datasets/bob/other-data/deeper", "notebooks/bob/a-run"):
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(InputNotFound) as error:
+        resolve_input("dataset:alice/guie-kit-wheels", tmp_path, marker="guie-wheels.json")
+    text = str(error.value)
+    assert text.startswith("dataset:alice/guie-kit-wheels: not attached")
+    assert "datasets/bob/" in text and "notebooks/bob/" in text and "deeper" not in text
+    assert "Attach alice/guie-kit-wheels" in text
+    with pytest.raises(InputNotFound, match="does not exist"):
+        resolve_input("dataset:alice/x", tmp_path / "no-such-root")
+
+
+def test_a_notebook_output_link_resolves_without_looping(tmp_path):
+    out = tmp_path / "out"
+    (out / "kaggle").mkdir(parents=True)
+    inputs = out / "kaggle" / "input"  # as in `submit.py local`: the output holds the input root
+    mount_notebook_output(out, "alice/guie-train-smoke", inputs, "current")
+    (out / "guie-run.json").write_text("{}")
+    assert resolve_input("notebook:alice/guie-train-smoke", inputs, marker="guie-run.json") == \
+        inputs / "notebooks" / "alice" / "guie-train-smoke"
+    with pytest.raises(InputNotFound):
+        resolve_input("dataset:alice/absent", inputs, marker="absent.json")
+
+
+def test_weights_references(tmp_path):
+    assert parse_weights_ref("kaggle:alice/w/sub/f.bin") == (InputRef("dataset", "alice", "w"),
+                                                            "sub/f.bin")
+    with pytest.raises(ValueError, match="kaggle:OWNER/SLUG/FILE"):
+        parse_weights_ref("kaggle:alice")
+    assert resolve_kaggle_path("/a/local/file.bin", tmp_path) == "/a/local/file.bin"
+    folder = mount_point("dataset:alice/w", tmp_path, "current")
+    folder.mkdir(parents=True)
+    (folder / "f.bin").write_bytes(b"x")
+    assert resolve_kaggle_path("kaggle:alice/w/f.bin", tmp_path) == str(folder / "f.bin")
+    assert resolve_kaggle_path("kaggle:alice/w", tmp_path) == str(folder)
+    with pytest.raises(InputNotFound, match="it has no 'g.bin'"):
+        resolve_kaggle_path("kaggle:alice/w/g.bin", tmp_path)
+
+
+# ----------------------------------------------------------------------------- machines
+
+
+def test_machine_shapes():
+    assert platform.check_machine_shape("NvidiaTeslaT4") == []
+    assert "sm_60" in platform.check_machine_shape("NvidiaTeslaP100")[0]
+    with pytest.raises(platform.PlatformError, match="--allow-unknown-machine-shape"):
+        platform.check_machine_shape("NvidiaTeslaT4x1")
+    assert platform.check_machine_shape("NvidiaB200", allow_unknown=True)
+
+
+def test_gpu_check_stops_with_a_clear_message_when_the_build_lacks_the_arch(monkeypatch):
+    """What a P100 under Kaggle's current PyTorch does: every CUDA op fails."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80"])
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+    monkeypatch.setattr(torch, "ones", no_kernel)
+    with pytest.raises(platform.PlatformError) as error:
+        platform.check_gpu_runs()
+    assert "Tesla P100-PCIE-16GB (sm_60) cannot run this PyTorch" in str(error.value)
+    assert "sm_70, sm_75, sm_80" in str(error.value) and "NvidiaTeslaT4" in str(error.value)
+
+
+def test_gpu_check_on_a_cpu_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU machine's answer")
+    assert platform.check_gpu_runs() == "no GPU: training on the CPU"
+
+
+def test_platform_facts_prefer_the_probe_record(tmp_path):
+    assert platform.platform_facts(tmp_path).python_version == platform.KAGGLE_PYTHON_FALLBACK
+    (tmp_path / "platform.json").write_text(json.dumps({"python": "3.12.7", "layout": "current",
+                                                        "packages": {"timm": "1.0.20"}}))
+    facts = platform.platform_facts(tmp_path)
+    assert (facts.python_version, facts.layout, facts.packages) == ("3.12", "current",
+                                                                    {"timm": "1.0.20"})
