@@ -107,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_parsed(build_parser(), sys.argv[1:] if argv is None else argv)
+
+
+def run_parsed(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Parse `argv` and run the chosen command's `func`, user errors printed as one line.
+    For any entry point with its own parser (`python -m guie_cli.kaggle_cmds`)."""
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already printed by CliParser.error
         return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     debug = getattr(args, "debug", False) or os.environ.get("GUIE_DEBUG", "") not in ("", "0")
@@ -141,11 +147,14 @@ def user_error_message(exc: BaseException) -> str | None:
         return str(exc) or None
     if isinstance(exc, ValueError) and _raised_by_the_kit(exc):
         # The kit's own checks of arguments and settings raise ValueError with a message made
-        # for the user; a ValueError from inside torch, numpy or the standard library is a bug.
+        # for the user; a ValueError from inside torch, numpy or the standard library, or from
+        # a kit line that is no `raise` (int("x") on a bad value), is a bug.
         return str(exc)
     return None
 
 
 def _raised_by_the_kit(exc: BaseException) -> bool:
+    """Whether `exc` comes from a `raise` statement in the kit's own source."""
     frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and os.path.realpath(frames[-1].filename).startswith(_KIT_DIRS)
+    return (bool(frames) and os.path.realpath(frames[-1].filename).startswith(_KIT_DIRS)
+            and (frames[-1].line or "").lstrip().startswith("raise"))

@@ -138,6 +138,21 @@ def test_which_errors_are_the_users():
     except ValueError as exc:  # raised outside the kit's code
         assert user_error_message(exc) is None
 
+    from guie.data.fetch import DatasetRef
+
+    with pytest.raises(ValueError) as checked:  # the kit's own `raise` of a check: for the user
+        DatasetRef.parse("just-a-slug")
+    assert user_error_message(checked.value).startswith("'just-a-slug': expected a Kaggle dataset")
+    with pytest.raises(ValueError) as slipped:  # "²".isdigit() passes the check, int() fails
+        DatasetRef.parse("owner/slug/²")
+    assert user_error_message(slipped.value) is None  # a kit line that is no raise: a bug
+
+
+def test_a_bad_dataset_reference_in_data_fetch(capsys):
+    status, err = run(["data", "fetch", "just-a-slug"], capsys)
+    assert status == USER_ERROR_STATUS
+    assert_one_error_line(err, "expected a Kaggle dataset as owner/slug or owner/slug/VERSION")
+
 
 def test_usage_mistakes_end_in_an_error_line_with_the_nearest_choice(capsys):
     status, err = run(["lcoal"], capsys)
