@@ -108,10 +108,13 @@ def _json(path: Path) -> Any:
 
 def _secrets_and_owner(args: argparse.Namespace):
     """(client or None, owner, secrets): --dry-run reads credentials locally, never connects."""
-    from guie.kaggle.client import find_credentials
+    from guie.kaggle.client import CREATE_TOKEN, find_credentials, where_credentials_are_read
 
     if args.dry_run:
         credentials = find_credentials()
+        if not credentials.username:
+            print(f"warning: no Kaggle credentials found; the dry run names the owner "
+                  f"{DRY_OWNER!r}. Looked at: {where_credentials_are_read()}. {CREATE_TOKEN}")
         return None, credentials.username or DRY_OWNER, credentials.secrets
     client = _connect()
     return client, client.username, client.credentials.secrets
@@ -257,11 +260,18 @@ def _print_output_size(cfg) -> None:
     """The training kernel's predicted output against Kaggle's 20 GB cap."""
     from guie.train.checkpoint import predict_output_bytes
 
-    predicted = predict_output_bytes(cfg)
-    verdict = "fits" if predicted.peak_bytes <= OUTPUT_CAP_BYTES else "OVER THE CAP"
-    print(f"training output (predicted from parameter counts): {predicted.final_bytes / 1e9:.2f} GB "
-          f"at the end, {predicted.peak_bytes / 1e9:.2f} GB at its peak, against Kaggle's "
-          f"{OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
+    # Sample-data configs infer their classes from data built in the kernel: at most one per
+    # instance, an upper bound that keeps the prediction on the safe side.
+    classes = cfg.num_classes or cfg.data.sample_instances
+    if not classes:
+        print("training output: not predicted: the config infers num_classes from its data; "
+              "pass num_classes=N to see it against Kaggle's 20 GB cap")
+        return
+    predicted = predict_output_bytes(cfg, num_classes=classes)
+    verdict = "fits" if predicted.fits(OUTPUT_CAP_BYTES) else "OVER THE CAP"
+    print(f"training output (predicted from parameter counts, {classes} classes): "
+          f"{predicted.end_bytes / 1e9:.2f} GB at the end, {predicted.peak_bytes / 1e9:.2f} GB at "
+          f"its peak, against Kaggle's {OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
 
 
 # ----------------------------------------------------------------------------- status

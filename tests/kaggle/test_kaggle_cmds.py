@@ -72,9 +72,16 @@ def test_push_dry_run_sends_nothing(fake_kaggle, workdir, wheelhouse, capsys):
 def test_push_dry_run_works_without_credentials(fake_kaggle, workdir, monkeypatch, capsys):
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
+    home = Path(os.environ["HOME"])
+    before = sorted(home.rglob("*"))
     assert cli("push", "--dry-run", "--workdir", workdir) == 0
-    assert "your-kaggle-username/guie-kit-src" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "your-kaggle-username/guie-kit-src" in out
+    assert "warning: no Kaggle credentials found" in out
+    assert f"{home}/.kaggle/kaggle.json when {home}/.kaggle exists, else {home}/.config/kaggle" in out
+    assert "KAGGLE_API_TOKEN" in out
     assert fake_kaggle.calls == []
+    assert sorted(home.rglob("*")) == before  # a dry run writes nothing to the user's home
 
 
 def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, capsys):

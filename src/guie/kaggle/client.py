@@ -27,7 +27,8 @@ from guie.kaggle.answers import (  # noqa: F401 (errors re-exported for callers)
     KernelStatus, LeaderboardEntry, NotFoundError, RetryPolicy, Submission, SubmissionReceipt,
     SubmissionRejected, http_status, is_transient, parse_score, render_log, retry_after_s)
 from guie.kaggle.credentials import (  # noqa: F401
-    Credentials, import_kaggle_api, find_credentials, kaggle_config_dir)
+    CREATE_TOKEN, Credentials, find_credentials, import_kaggle_api, kaggle_config_dir,
+    where_credentials_are_read)
 
 COMPETITION = "google-universal-image-embedding"
 T = TypeVar("T")
@@ -57,11 +58,8 @@ class KaggleClient:
             with contextlib.redirect_stdout(io.StringIO()):
                 api.authenticate()
         except SystemExit:
-            raise AuthError(
-                "No Kaggle credentials found. Create an API token at "
-                "https://www.kaggle.com/settings/api and either save kaggle.json to "
-                f"{config_dir}/kaggle.json (chmod 600) or set KAGGLE_USERNAME and KAGGLE_KEY."
-            ) from None
+            raise AuthError(f"No Kaggle credentials found. Looked at: {where_credentials_are_read()}. "
+                            f"{CREATE_TOKEN}") from None
         credentials = find_credentials()
         username = api.config_values.get("username") or credentials.username
         return cls(api, Credentials(username, credentials.secrets, credentials.source),

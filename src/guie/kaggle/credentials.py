@@ -27,6 +27,23 @@ def kaggle_config_dir() -> Path:
     return home_dir
 
 
+def where_credentials_are_read() -> str:
+    """Where the client looks for credentials, in its order, with this machine's paths: said
+    the same way by `push --dry-run`, the client's auth error and the README."""
+    home_dir = Path(os.path.expanduser("~")) / ".kaggle"
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    places = [f"KAGGLE_USERNAME + KAGGLE_KEY in the environment",
+              f"KAGGLE_CONFIG_DIR/kaggle.json (KAGGLE_CONFIG_DIR is "
+              f"{os.environ.get('KAGGLE_CONFIG_DIR') or 'not set'})",
+              f"{home_dir}/kaggle.json when {home_dir} exists, else {Path(xdg) / 'kaggle'}/kaggle.json",
+              "KAGGLE_API_TOKEN (a token or a file holding one)"]
+    return "; ".join(places)
+
+
+CREATE_TOKEN = ("Create an API token at https://www.kaggle.com/settings/api and save the "
+                "downloaded kaggle.json there (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY.")
+
+
 def find_credentials() -> Credentials:
     """Read the user's Kaggle credentials locally, without any network call."""
     secrets: list[str] = []
