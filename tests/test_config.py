@@ -35,14 +35,15 @@ def test_overrides_are_typed_and_nested():
     ("stgae2.epochs=2", "its stages are `stage1`, `stage2`; did you mean `stage2.epochs=2`?"),
     # A value of the wrong type says what the field takes and what it holds now.
     ("stage1.batch_size=abc", "override `stage1.batch_size=abc`: `stage1.batch_size` takes an "
-                              "integer, got 'abc' (now `stage1.batch_size=64`)"),
-    ("stage2.epochs=three", "`stage2.epochs` takes a number, got 'three' (now `stage2.epochs=1.0`)"),
+                              "integer, got 'abc' (currently `stage1.batch_size=64`)"),
+    ("stage2.epochs=three", "`stage2.epochs` takes a number, got 'three' (currently "
+                            "`stage2.epochs=1.0`)"),
     ("stage1.lr_centres=x", "`stage1.lr_centres` takes a number or null, got 'x'"),
-    ("stage1.enabled=maybe", "takes true or false, got 'maybe' (now `stage1.enabled=true`)"),
+    ("stage1.enabled=maybe", "takes true or false, got 'maybe' (currently `stage1.enabled=true`)"),
     ("export.compat=torch2", "`export.compat` takes one of none, torch1.11, got 'torch2'; did you "
-                             "mean `torch1.11`? (now `export.compat=none`)"),
+                             "mean `torch1.11`? (currently `export.compat=none`)"),
     ("stage1.augment=hflip", "`stage1.augment` takes a JSON list, each item a string, got 'hflip' "
-                             "(now `stage1.augment='[\"random_resized_crop\", \"hflip\"]'`)"),
+                             "(currently `stage1.augment='[\"random_resized_crop\", \"hflip\"]'`)"),
     ("preprocess.mean=[1,2]", "takes a JSON list of 3 items, each a number, got [1, 2] (2 items)"),
     ("model=3", "`model` is a section, not a value: set its fields one by one, e.g. "
                 "`model.backbone=...`"),
@@ -84,7 +85,8 @@ def test_unknown_config_name(name, message):
 
 def test_override_keys_name_stages_by_name():
     keys = override_keys(get_config("smoke"))
-    assert {"seed", "model.dropout", "stage1.epochs", "stage2.lr_backbone", "data.root"} <= set(keys)
+    assert {"seed", "model.dropout", "stage1.epochs", "stage2.lr_backbone",
+            "data.root"} <= set(keys)
     assert "stages" in keys and not any(k.startswith("stages.") for k in keys)
 
 

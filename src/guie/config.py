@@ -384,7 +384,7 @@ def _replace_path(obj: Any, path: list[str], value: Any, item: str, root: Any,
             current = getattr(obj, name)  # a string is written as is, everything else as JSON
             now = current if isinstance(current, str) else json.dumps(
                 current, default=dataclasses.asdict)
-            shown = f" (now `{here}={shlex.quote(now)}`)" if len(now) <= 60 else ""
+            shown = f" (currently `{here}={shlex.quote(now)}`)" if len(now) <= 60 else ""
             raise ConfigError(f"override `{item}`: {e}{shown}") from None
     child = getattr(obj, name)
     if not is_dataclass(child):

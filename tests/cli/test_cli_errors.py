@@ -28,7 +28,7 @@ CONFIG_MISTAKES = [
     (["stage2.epoch=3"],
      ["override `stage2.epoch=3`", "has no field `epoch`", "did you mean `stage2.epochs`?"]),
     (["stage2.epochs=three"],
-     ["`stage2.epochs` takes a number, got 'three'", "(now `stage2.epochs="]),
+     ["`stage2.epochs` takes a number, got 'three'", "(currently `stage2.epochs="]),
     (["--config", "tinyy"], ["unknown config `tinyy`", "did you mean `tiny`?", SHIPPED, "smoke"]),
     (["stage2epochs"], ["`stage2epochs` is not KEY=VALUE", "did you mean `stage2.epochs=VALUE`?"]),
     (["stage2.epochs"], ["has no value", "write `stage2.epochs=VALUE`"]),

@@ -68,8 +68,9 @@ def test_missing_sources_name_what_is_missing_and_how_to_fetch_it(sample_data, t
     assert missing_sources((tf, gone, csv), root) == [(gone, (root / "no-such-folder").absolute())]
     with pytest.raises(DataError) as caught:
         require_sources((tf, gone, csv), root, hint)
+    looked_for = root.absolute() / "no-such-folder"
     assert str(caught.value) == (f"1 of 3 sources missing in {root}/ (gone) (looked for "
-                                 f"{root.absolute() / 'no-such-folder'}); download them with {hint}")
+                                 f"{looked_for}); download them with {hint}")
     with pytest.raises(DataError, match=rf"^no data in {tmp_path}/: none of the 2 sources is "
                                         r"there \(looked for .*, \.\.\.\); download them with `"):
         require_sources((tf, csv), tmp_path, hint)

@@ -98,7 +98,8 @@ def test_bad_arguments_are_reported(tmp_path, model_path, capsys):
     status = run_cli(["search", "--model", str(tmp_path / "none.pt"), "--index", str(tmp_path),
                       "--query", str(tmp_path), "--out", str(tmp_path / "o")])
     assert status == 2
-    assert capsys.readouterr().err == f"error: search: --model {tmp_path / 'none.pt'} does not exist\n"
+    missing = tmp_path / "none.pt"
+    assert capsys.readouterr().err == f"error: search: --model {missing} does not exist\n"
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image\n")

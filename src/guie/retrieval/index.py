@@ -1,7 +1,8 @@
 """Embed a folder once with a TorchScript model and keep the result as a reusable index file.
 
 The model is used through `torch.jit.load` alone (from a TorchScript file or straight from a
-submission.zip, see `model_file`), so any model following the competition contract works: forward takes [B, 3, H, W] RGB 0..255 (uint8 here) and returns [B, D] floats.
+submission.zip, see `model_file`), so any model following the competition contract works:
+forward takes [B, 3, H, W] RGB 0..255 (uint8 here) and returns [B, D] floats.
 
 The saved index (one `.npz`, replaced atomically) holds the embeddings, each file's relative
 path, size, mtime and image size, the files that were skipped and why, the model file's sha256

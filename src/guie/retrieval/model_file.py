@@ -59,7 +59,8 @@ def _jit_load(source, shown: str, device) -> torch.jit.ScriptModule:
         try:
             return torch.jit.load(source, map_location=device).eval()
         except RuntimeError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first_line = text.splitlines()[0] if text else type(exc).__name__
             raise ModelFileError(f"{shown} is not a TorchScript model torch can load ({first_line})"
                                  f"; `python submit.py export` writes one") from exc
 
