@@ -148,6 +148,24 @@ def _weights_notes(cfg) -> list[str]:
     return ["weights: none (the kit's tiny test backbone trains from random weights)"]
 
 
+def _platform_notes(facts) -> list[str]:
+    """What a probe record says about the wheels' needs on Kaggle (nothing without a probe)."""
+    if not facts.packages:
+        return []
+    import importlib.metadata
+
+    notes = [f"platform: Python {facts.python_version}, {facts.layout} mount layout "
+             f"(from {facts.source})"]
+    for dist in packaging.CHECKED_DISTRIBUTIONS:
+        needs = importlib.metadata.requires(dist) or []
+        wheels = {r.split("==")[0].lower().replace("_", "-") for r in packaging.WHEEL_REQUIREMENTS}
+        seen = {k.lower().replace("_", "-"): v for k, v in facts.packages.items() if v}
+        problems = [p for p in packaging.unmet_requirements(needs, seen.get)
+                    if p.split()[0].lower().replace("_", "-") not in wheels]
+        notes += [f"warning: on Kaggle {dist} will lack what it needs: {p}" for p in problems]
+    return notes
+
+
 @_reports_errors
 def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
@@ -173,7 +191,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     source, plans, folders = build.source, build.plans, build.folders
     print(f"config {args.config}{' ' + ' '.join(overrides) if overrides else ''}: "
           f"kernels {', '.join(plans[k].ref for k in chosen)}")
-    for line in [*warnings, *_weights_notes(cfg)]:
+    for line in [*warnings, *_weights_notes(cfg), *_platform_notes(facts)]:
         print(line)
     requirements = list(packaging.WHEEL_REQUIREMENTS)
 

@@ -29,8 +29,12 @@ def cmd_local(args: argparse.Namespace) -> int:
 
         if args.verbose:  # papermill streams the kernels' own output through its logger
             logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from guie.kaggle.platform import platform_facts
+
+        recorded = platform_facts("build/kaggle").layout
+        layout = args.layout or (recorded if recorded in ("current", "legacy") else "current")
         report = run_local_notebooks(args.config, args.overrides, args.out, compat=args.compat,
-                                     layout=args.layout, archives=args.source_archive,
+                                     layout=layout, archives=args.source_archive,
                                      verbose=args.verbose)
     keys = [k for k in report if k.startswith("map5_") and not k.endswith("per_domain")]
     print(json.dumps({k: round(report[k], 4) for k in keys}, indent=2))
@@ -68,9 +72,10 @@ def register(subparsers) -> None:
                    help="with --in-process: continue the stages found in --out (the notebooks "
                         "always resume)")
     p.add_argument("--compat", default="none", choices=("none", "torch1.11"))
-    p.add_argument("--layout", default="current", choices=("current", "legacy"),
+    p.add_argument("--layout", default=None, choices=("current", "legacy"),
                    help="how the notebooks' inputs are mounted: Kaggle's current "
-                        "input/datasets/<owner>/<slug>/ or the legacy input/<slug>/")
+                        "input/datasets/<owner>/<slug>/ or the legacy input/<slug>/ (default: "
+                        "what `submit.py probe` recorded in build/kaggle, else current)")
     p.add_argument("--source-archive", default="unpacked", choices=("unpacked", "zip"),
                    help="the uploaded src.zip as Kaggle unpacks it, or kept as a zip")
     p.add_argument("-v", "--verbose", action="store_true",

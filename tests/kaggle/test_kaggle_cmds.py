@@ -367,6 +367,7 @@ def test_probe_records_the_platform_and_push_uses_it(fake_kaggle, workdir, wheel
     record = record_platform(str(tmp_path), str(tmp_path / "input"))
     assert record["layout"] == "current" and record["packages"]["torch"]
     record["python"] = "3.12.4"
+    record["packages"]["timm"] = "1.0.9"  # older than open_clip 3.3.0 needs
     fake_kaggle.add_kernel_run(PROBE, [("COMPLETE", "")],
                                {"guie-platform.json": json.dumps(record).encode()}, "")
     assert cli("status", "--wait", "--workdir", workdir, "--poll-s", "0") == 0
@@ -374,6 +375,9 @@ def test_probe_records_the_platform_and_push_uses_it(fake_kaggle, workdir, wheel
     assert json.loads((Path(workdir) / "platform.json").read_text())["python"] == "3.12.4"
     assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
                "--kernels", "train", SOURCES) == 0
+    out = capsys.readouterr().out
+    assert "platform: Python 3.12, current mount layout" in out
+    assert "open_clip_torch will lack what it needs: timm 1.0.9 is installed, but timm>=1.0.17" in out
     state = json.loads((Path(workdir) / "state.json").read_text())
     assert state["wheels"]["python_version"] == "3.12" and state["probe"]["ref"] == PROBE
     marker = fake_kaggle.received_files()["guie-wheels.json"]
