@@ -401,10 +401,11 @@ def _unknown_key(obj: Any, path: list[str], walked: tuple[str, ...], root: Any, 
     keys = override_keys(root)
     stage_fields = {f.name for f in fields(StageConfig)}
     if isinstance(obj, ExperimentConfig) and len(path) > 1 and path[1] in stage_fields:
-        stages = ", ".join(f"`{s.name}`" for s in obj.stages) or "none"
+        stages = ", ".join(f"`{s.name}`" for s in obj.stages)
         typo = _closest(name, stage_names := [s.name for s in obj.stages], cutoff=0.75)
         fix = ".".join(path[1:]) + "=" + item.partition("=")[2]
-        return (f"config `{obj.name}` has no stage `{name}`; its stages are {stages}"
+        return (f"config `{obj.name}` has no stage `{name}`; "
+                + (f"its stages are {stages}" if stages else "it trains no stages")
                 + (f"; did you mean `{typo[0]}.{fix}`?" if len(typo) == 1 else
                    f" (e.g. `{stage_names[0]}.{fix}`)" if stage_names else ""))
     where = ("the config" if not walked else f"stage `{walked[-1]}`"

@@ -81,6 +81,10 @@ def test_a_training_checkpoint_says_which_command_exports_it(name, small_index, 
     assert f"--model {run / 'export' / 'submission.zip'}" in line
     assert "corrupted" not in line and "PytorchStreamReader" not in line
 
+    (run / "config.json").write_text('{"name": "smoke", "seed": 0}')  # the run's resolved config
+    status, err, _ = search(checkpoint, small_index, tmp_path / "out", capsys)
+    assert status == 2 and "`python submit.py export --config smoke --checkpoint" in err
+
     (run / "submission.zip").write_bytes(b"")  # `local` exported next to its stages
     status, err, _ = search(checkpoint, small_index, tmp_path / "out", capsys)
     assert status == 2 and f"this run's export is {run / 'submission.zip'}" in one_error_line(err)

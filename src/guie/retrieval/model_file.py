@@ -12,6 +12,7 @@ Both TorchScript files and checkpoints are zip archives; TorchScript ones carry 
 from __future__ import annotations
 
 import io
+import json
 import warnings
 import zipfile
 from pathlib import Path
@@ -83,9 +84,20 @@ def checkpoint_message(path: Path) -> str:
                     None)
     if exported is not None:  # `local` exports next to its stages
         return message + f"this run's export is {exported}: use `--model {exported}`"
-    return message + (f"export it with `python submit.py export --config CONFIG --checkpoint {run}"
-                      f" --out {run / 'export'}` (the config and overrides it was trained with) "
-                      f"and use `--model {run / 'export' / 'submission.zip'}`")
+    return message + (f"export it with `python submit.py export --config {_trained_config(run)} "
+                      f"--checkpoint {run} --out {run / 'export'}` (with the config and overrides "
+                      f"it was trained with) and use `--model {run / 'export' / 'submission.zip'}`")
+
+
+def _trained_config(run: Path) -> str:
+    """The shipped config a training output folder names in its config.json, else CONFIG."""
+    from guie.configs import list_configs
+
+    try:
+        name = json.loads((run / "config.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return "CONFIG"
+    return name if name in list_configs() else "CONFIG"
 
 
 def _folder_message(path: Path) -> str:
