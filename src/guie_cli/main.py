@@ -42,6 +42,9 @@ _USER_ERROR_TYPES = (
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 _KIT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
                   for name in ("guie", "guie_cli"))
+# A file of the kit itself that is missing (a notebook template) is a broken install, not a
+# path the user gave.
+_KIT_FILES = (*_KIT_DIRS, str(Path(__file__).resolve().parents[2] / "kernels") + os.sep)
 
 
 class UserError(Exception):
@@ -142,6 +145,9 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, (UserError, *kinds)):
         return str(exc)
     if isinstance(exc, _PATH_ERRORS):
+        if isinstance(exc.filename, (str, os.PathLike)) and os.path.realpath(
+                exc.filename).startswith(_KIT_FILES):
+            return None
         if exc.filename is not None and exc.strerror:  # from the OS: "[Errno 2] ..." reworded
             return f"{exc.filename}: {exc.strerror[0].lower()}{exc.strerror[1:]}"
         return str(exc) or None

@@ -4,6 +4,8 @@ Each case runs `guie_cli.main.main(argv)` as `python submit.py ARGV` does and re
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -131,6 +133,8 @@ def test_which_errors_are_the_users():
     assert user_error_message(DataError("no shards")) == "no shards"
     missing = FileNotFoundError(2, "No such file or directory", "build/x/final.pt")
     assert user_error_message(missing) == "build/x/final.pt: no such file or directory"
+    template = Path(guie_cli.local.__file__).parents[2] / "kernels" / "train.ipynb.missing"
+    assert user_error_message(FileNotFoundError(2, "No such file", str(template))) is None
     assert user_error_message(RuntimeError("CUDA error")) is None
     assert user_error_message(TypeError("bad operand")) is None
     try:
