@@ -58,7 +58,7 @@ def test_templates_are_clean_v4_notebooks(name):
         assert len(cell.source.splitlines()) <= 9  # short cells that only call into guie
     code = "\n".join(c.source for c in nb.cells[3:])
     imports = [line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))]
-    assert {i.split(".")[0] for i in imports} <= {"sys", "guie", "json"}
+    assert {i.split(".")[0] for i in imports} <= {"sys", "os", "warnings", "guie", "json"}
 
 
 def test_plan_metadata(kaggle_cfg):
@@ -217,7 +217,7 @@ def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layou
     nb = nbformat.read(folder / "infer.ipynb", as_version=4)
     assert "def resolve_input(" in nb.cells[3].source  # the inlined resolver
     script = "\n".join([*(f"{k} = {v!r}" for k, v in params.items()), nb.cells[3].source,
-                        nb.cells[4].source, "print(guie.__file__)"])
+                        nb.cells[4].source, nb.cells[5].source, "print(guie.__file__)"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=120)

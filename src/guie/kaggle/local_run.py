@@ -27,10 +27,14 @@ LOCAL_OWNER = "local"
 
 def execute(notebook: Path, parameters: dict, executed: Path, cwd: Path, verbose: bool) -> None:
     import papermill
+    from traitlets.config import Config
 
+    # IPC rather than TCP between papermill and its local kernel: no network port, and no
+    # "running over TCP without encryption" warning from ipykernel on every run.
+    ipc = Config({"KernelManager": {"transport": "ipc"}})
     papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                kernel_name="python3", cwd=str(cwd), progress_bar=not verbose,
-                               log_output=verbose)  # the kernel's own output, live
+                               log_output=verbose, config=ipc)  # -v: the kernel's output, live
 
 
 def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
