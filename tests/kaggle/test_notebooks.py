@@ -156,8 +156,8 @@ def test_check_training_run_refuses_another_or_an_unfinished_run(tmp_path):
     record_run(tmp_path, run_identity("smoke", [], "ab" * 32), "done")
     with pytest.raises(NotebookError, match="previous output: wait until the training kernel"):
         check_training_run(tmp_path, run)
-    record_run(tmp_path, run, "stopped")
-    with pytest.raises(NotebookError, match="'stopped', not done"):
+    record_run(tmp_path, run, "paused")
+    with pytest.raises(NotebookError, match="'paused', not done"):
         check_training_run(tmp_path, run)
     record_run(tmp_path, run, "done")
     assert check_training_run(tmp_path, run) == str(tmp_path)

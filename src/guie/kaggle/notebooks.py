@@ -18,6 +18,7 @@ import importlib
 import json
 import shutil
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -30,6 +31,7 @@ KAGGLE_WORKING = "/kaggle/working"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "kernels"  # the repository's kernels/
 OWNER_PLACEHOLDER = "KAGGLE_USERNAME"  # in shipped configs' kaggle: references, as in datasets-metadata
+EXPORT_MARKER = "guie-export.json"  # beside submission.zip: the training run it came from
 INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module it names
 Kind = Literal["train", "infer", "probe"]
 
@@ -120,10 +122,26 @@ def run_identity(config_name: str, overrides: Sequence[str], source_hash: str) -
     return {"run_id": digest, **body}
 
 
-def record_run(out_dir: str, run: dict, status: str) -> Path:
-    """The training output's marker: which run it holds and whether it finished."""
+def record_run(out_dir: str, run: dict, status: str, report: dict | None = None) -> Path:
+    """The training output's marker: which run it holds, whether it finished ("done") or paused
+    at max_hours ("paused"), when this session started and ended, and where it paused."""
     path = Path(out_dir) / RUN_MARKER
-    path.write_text(json.dumps({**run, "status": status}, indent=2) + "\n")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    started = previous.get("session_started_at") if previous.get("status") == "running" else None
+    summary = {k: v for k, v in (report or {}).items()
+               if k == "paused_in" or (k.startswith("map5_") and "per_domain" not in k)}
+    body = {**run, "status": status, "session_started_at": started or now,
+            **({"session_ended_at": now} if status != "running" else {}), **summary}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    return path
+
+
+def record_export(out_dir: str, run: dict) -> Path:
+    """Beside submission.zip: the training run it was exported from."""
+    path = Path(out_dir) / EXPORT_MARKER
+    path.write_text(json.dumps({"run_id": run.get("run_id"), "config_name": run.get("config_name")},
+                               indent=2) + "\n")
     return path
 
 
@@ -143,8 +161,9 @@ def check_training_run(checkpoint_dir: str | Path, expected: dict) -> str:
     if found.get("status") != "done":
         raise NotebookError(
             f"{checkpoint_dir}: training run {found['run_id']} is {found.get('status')!r}, not "
-            "done (it stopped at max_hours or failed): resume it with `submit.py push "
-            "--kernels train --resume-kernel OWNER/SLUG`, then push the inference kernel.")
+            "done (paused at max_hours, or it failed): resume it with `submit.py push "
+            "--kernels train --resume-kernel OWNER/SLUG` (or let `submit.py run` chain the "
+            "sessions), then push the inference kernel.")
     return str(checkpoint_dir)
 
 
@@ -160,8 +179,8 @@ def prepare_resume(resume_input: str, out_dir: str, input_root: str = KAGGLE_INP
 # ----------------------------------------------------------------------------- planning
 
 
-def kernel_title(kind: Kind, config_name: str) -> str:
-    return f"GUIE {kind} {config_name}"
+def kernel_title(kind: Kind, config_name: str, session: int = 1) -> str:
+    return f"GUIE {kind} {config_name}" + (f" s{session}" if session > 1 else "")
 
 
 def slugify_title(title: str) -> str:
@@ -208,18 +227,23 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
                  compat: str = "none", data_root: str = "",
                  resume_kernel: str | None = None, extra_datasets: Sequence[str] = (),
                  machine_shape: str = DEFAULT_MACHINE_SHAPE, private: bool = True,
-                 train_internet: bool = False, expected_run: dict | None = None
+                 train_internet: bool = False, expected_run: dict | None = None,
+                 session: int = 1, checkpoint_kernel: str | None = None
                  ) -> dict[Kind, KernelPlan]:
     """Parameters and metadata of both kernels for one experiment.
 
     Every input travels as a reference the kernel resolves (`guie.kaggle.inputs`); data sources
     by their kaggle_slug, weights by their `kaggle:` reference, both attached here.
     expected_run: the training run the inference kernel must find (default: the run this
-    config, these overrides and this source make).
+    config, these overrides and this source make). session > 1: the training kernel of that
+    session of a chained run (`guie.kaggle.chain`), its own kernel; checkpoint_kernel: the
+    training kernel whose output the inference kernel reads (default: this plan's).
     """
     data_slugs = [s.kaggle_slug for s in cfg.data.sources if s.kaggle_slug]
-    refs = {kind: f"{owner}/{slugify_title(kernel_title(kind, config_name))}"
-            for kind in ("train", "infer")}
+    titles = {"train": kernel_title("train", config_name, session),
+              "infer": kernel_title("infer", config_name)}
+    refs = {kind: f"{owner}/{slugify_title(title)}" for kind, title in titles.items()}
+    checkpoint_kernel = checkpoint_kernel or refs["train"]
     run = run_identity(config_name, overrides, source_hash)
     common = {
         "config_name": config_name, "overrides": list(overrides), "source_hash": source_hash,
@@ -230,22 +254,22 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
     resume_input = f"notebook:{resume_kernel}" if resume_kernel else ""
     train_params = {**common, "run": run, "resume_input": resume_input,
                     "max_hours": float(max_hours)}
-    infer_params = {**common, "checkpoint_input": f"notebook:{refs['train']}",
+    infer_params = {**common, "checkpoint_input": f"notebook:{checkpoint_kernel}",
                     "expected_run": expected_run or run, "compat": compat}
     base_sources = [source_ref, wheels_ref, *weights_datasets(cfg), *extra_datasets]
     train_meta = kernel_metadata(
-        refs["train"], kernel_title("train", config_name), "train.ipynb", enable_gpu=True,
+        refs["train"], titles["train"], "train.ipynb", enable_gpu=True,
         enable_internet=train_internet, dataset_sources=[*base_sources, *data_slugs],
         kernel_sources=[resume_kernel] if resume_kernel else [], machine_shape=machine_shape,
         is_private=private)
     # A reduction fitted at export time (PCA, whitening) reads training images there too.
     fits_on_data = cfg.export.reduction not in ("none", "avg_pool")
     infer_meta = kernel_metadata(
-        refs["infer"], kernel_title("infer", config_name), "infer.ipynb", enable_gpu=True,
+        refs["infer"], titles["infer"], "infer.ipynb", enable_gpu=True,
         enable_internet=False,
         dataset_sources=[*base_sources, *(data_slugs if fits_on_data else [])],
         competition_sources=[COMPETITION],
-        kernel_sources=[refs["train"]], machine_shape=machine_shape, is_private=private)
+        kernel_sources=[checkpoint_kernel], machine_shape=machine_shape, is_private=private)
     return {"train": KernelPlan("train", refs["train"], train_params, train_meta),
             "infer": KernelPlan("infer", refs["infer"], infer_params, infer_meta)}
 
