@@ -62,6 +62,9 @@ class SubmissionModel(nn.Module):
         return self.linear(feats).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The host may hand a CUDA tensor to a model saved on the CPU, or the reverse: compute
+        # where the weights are (a no-op when they already agree).
+        images = images.to(self.linear.weight.device)
         total = self.embed(images)
         views = 1
         if self.flip:
@@ -92,6 +95,7 @@ class ConcatSubmissionModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         parts: List[torch.Tensor] = []
+        images = images.to(self.reduction.weight.device)
         for tower in self.towers:
             parts.append(tower(images))
         return F.normalize(self.reduction(torch.cat(parts, dim=1)), dim=-1)
@@ -103,6 +107,7 @@ def build_submission_model(model: EmbeddingModel, preprocess: Preprocess,
                            tta: tuple[str, ...] = ()) -> SubmissionModel:
     """An eval-mode copy with the head, and the reduction (W, b) if any, folded to one Linear
     (dropout branches vanish)."""
+    # eval: BatchNorm uses its running statistics and dropout is off in the exported graph.
     visual = copy.deepcopy(model.visual).eval()
     if hasattr(visual, "set_grad_checkpointing"):
         visual.set_grad_checkpointing(False)

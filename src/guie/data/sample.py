@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from guie.config import DataSource
 from guie.data.tfrecord import encode_example, write_tfrecord
 
-FORMAT = "guie-sample-v1"
+FORMAT = "guie-sample-v2"  # v2: more photos, label ranges per photo in the manifest
 NUM_SHARDS = 4
 TFRECORD_DIR = "tfrecord"
 CSV_FILE = "csv/labels.csv"
@@ -39,20 +39,31 @@ _MIN_TEXTURE_STD = 10.0  # grey-level std; flat regions (sky, black space) are n
 _MAX_OVERLAP = 0.25  # intersection / smaller box area between instances of one photo
 _BOX_TRIES = 60
 
-# (domain, package, file): colour photos only; the motorcycle's right stereo image is left
-# out because its regions would duplicate the left one's under other labels.
+# (domain, package, file). The motorcycle's right stereo image is left out because its regions
+# would duplicate the left one's under other labels. The grey-level photos (brick, camera, ...)
+# are real photos too: more source photos let whole photos be held out (`photo_split`) and
+# still leave varied ones to train on.
 PHOTOS = (
     ("apparel", "skimage", "astronaut.png"),
     ("apparel", "matplotlib", "grace_hopper.jpg"),
+    ("apparel", "skimage", "camera.png"),
     ("dishes", "skimage", "coffee.png"),
     ("cars", "skimage", "motorcycle_left.png"),
     ("landmarks", "skimage", "rocket.jpg"),
+    ("landmarks", "skimage", "moon.png"),
     ("artwork", "skimage", "hubble_deep_field.jpg"),
     ("artwork", "skimage", "retina.jpg"),
     ("illustrations", "skimage", "color.png"),
     ("illustrations", "skimage", "ihc.png"),
+    ("illustrations", "skimage", "logo.png"),
     ("memes", "skimage", "chelsea.png"),
+    ("memes", "skimage", "text.png"),
+    ("memes", "skimage", "page.png"),
     ("packaged_goods", "matplotlib", "Minduka_Present_Blue_Pack.png"),
+    ("packaged_goods", "skimage", "coins.png"),
+    ("furniture", "skimage", "brick.png"),
+    ("furniture", "skimage", "gravel.png"),
+    ("furniture", "skimage", "grass.png"),
 )
 
 
@@ -244,11 +255,14 @@ def build_sample_data(out_dir: str | Path, num_instances: int = 400, views_per_i
     csv_rows: list[str] = ["path,label,domain"]
     files: list[str] = []
     stats: dict[str, dict] = {}
+    photo_labels: list[dict] = []
     bar = tqdm(total=int(counts.sum()), desc="sample data", unit="instance", disable=None)
     for pi in order:
         domain, name, img = photos[pi]
         in_tf = domain in tf_domains
         boxes = _sample_boxes(img, int(counts[pi]), np.random.default_rng([seed, 0, pi]))
+        photo_labels.append({"photo": name, "domain": domain, "tfrecord": in_tf,
+                             "first_label": next_label[in_tf], "instances": len(boxes)})
         for box in boxes:
             label = next_label[in_tf]
             next_label[in_tf] += 1
@@ -286,8 +300,14 @@ def build_sample_data(out_dir: str | Path, num_instances: int = 400, views_per_i
     n1, n2 = next_label[True], next_label[False]
     sources = _sources(n1)
     (out_dir / "README.txt").write_text(_readme(n1, n2, views_per_instance, stats, sources))
+    photos_out = [{"photo": p["photo"], "domain": p["domain"],
+                   # merged label space: the CSV source's labels follow the TFRecords'
+                   "labels": [p["first_label"] + (0 if p["tfrecord"] else n1),
+                              p["first_label"] + (0 if p["tfrecord"] else n1) + p["instances"]]}
+                  for p in photo_labels]
     manifest = {"format": FORMAT, "params": params, "tfrecord_labels": n1, "csv_labels": n2,
-                "domains": stats, "sources": [asdict(s) for s in sources], "files": files}
+                "domains": stats, "photos": photos_out,
+                "sources": [asdict(s) for s in sources], "files": files}
     tmp = out_dir / f"manifest.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out_dir / "manifest.json")  # written last: its presence marks a full build
@@ -317,3 +337,71 @@ def _readme(n1: int, n2: int, views: int, stats: dict, sources) -> str:
                      f"from {', '.join(s['photos'])}")
     lines += ["", "DataSources:"] + [f"  {s}" for s in sources]
     return "\n".join(lines) + "\n"
+
+
+def photo_label_ranges(out_dir: str | Path) -> list[dict]:
+    """[{"photo", "domain", "labels": [first, end)}] of a built sample set (merged labels)."""
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    return manifest["photos"]
+
+
+def photo_split(df, cfg, photos: list[dict]) -> tuple:
+    """Held-out classes and distractors from whole source photos that training never sees.
+
+    Views of one photo's regions share its colours, light and texture, so holding out single
+    regions (the generic `split_heldout`) lets a model score by remembering the photo. Here the
+    photos are shuffled (`split_seed`) and taken until their instances number at least
+    `heldout_classes + distractor_classes`; among those instances `heldout_classes` become
+    queries + index and `distractor_classes` pad the index; their remaining instances are used
+    nowhere. Training keeps every instance of every other photo."""
+    from guie.data.sources import Split, _pick, _rank_in_class
+
+    rng = np.random.default_rng(cfg.split_seed)
+    need = cfg.heldout_classes + cfg.distractor_classes
+    held_photos, held_labels = [], []
+    for i in rng.permutation(len(photos)):
+        if len(held_labels) >= need:
+            break
+        lo, hi = photos[i]["labels"]
+        held_photos.append(photos[i]["photo"])
+        held_labels.extend(range(lo, hi))
+    if len(held_photos) == len(photos):
+        raise ValueError(f"data: holding out {need} classes takes every sample photo; lower "
+                         "heldout_classes/distractor_classes or raise sample_instances")
+    counts = df["label"].value_counts()
+    held_counts = counts[counts.index.isin(held_labels)]
+    q = cfg.queries_per_class
+    heldout = _pick(held_counts.index[held_counts >= q + 1].to_numpy(), cfg.heldout_classes, rng,
+                    f"held-out classes (>= {q + 1} images each) in photos {held_photos}")
+    rest = held_counts.drop(heldout)
+    distract = _pick(rest.index[rest >= max(cfg.distractors_per_class, 1)].to_numpy(),
+                     cfg.distractor_classes, rng,
+                     f"distractor classes (>= {cfg.distractors_per_class} images each)")
+    labels = df["label"].to_numpy()
+    in_heldout, in_distract = np.isin(labels, heldout), np.isin(labels, distract)
+    rank = _rank_in_class(labels, rng)
+    is_query = in_heldout & (rank < q)
+    is_index = (in_heldout & ~is_query) | (in_distract & (rank < cfg.distractors_per_class))
+    index = df[is_index].reset_index(drop=True)
+    index["distractor"] = np.isin(index["label"].to_numpy(), distract)
+    split = Split(train=df[~np.isin(labels, held_labels)].reset_index(drop=True),
+                  query=df[is_query].reset_index(drop=True), index=index)
+    return split, held_photos
+
+
+def load_sample_split(cfg) -> tuple:
+    """`guie.data.sources.load_split` for the sample set (`cfg.sample_instances > 0`): build or
+    reuse it under `cfg.root`, then hold out whole photos (`photo_split`), then filter the
+    training part. Returns (Split, the held-out photos' names)."""
+    from guie.data.sources import DataError, Split, describe, filter_classes, merge_sources
+
+    sources = build_sample_data(cfg.root, num_instances=cfg.sample_instances,
+                                views_per_instance=cfg.sample_views)
+    split, held_photos = photo_split(merge_sources(sources, cfg.root, cfg.verify_crc), cfg,
+                                     photo_label_ranges(cfg.root))
+    train = filter_classes(split.train, cfg.min_per_class, cfg.max_per_class,
+                           cfg.resample_min_per_class, cfg.split_seed)
+    if not len(train):
+        raise DataError(f"no training images left after filtering (min_per_class="
+                        f"{cfg.min_per_class}); before filtering: {describe(split.train)}")
+    return Split(train=train, query=split.query, index=split.index), held_photos

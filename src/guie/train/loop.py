@@ -21,12 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from guie.backbones import freeze_batchnorm
 from guie.config import ExperimentConfig, StageConfig, save_config, to_dict
 from guie.data.augment import EvalTransform, TrainTransform
 from guie.data.dataset import ImageDataset, collate_skip_bad
 from guie.data.preprocess import Preprocess
 from guie.losses import ArcFace, margin_at
-from guie.model import EmbeddingModel, backbone_blocks, set_resolution
+from guie.model import EmbeddingModel, backbone, set_resolution
 from guie.train import dist
 from guie.train.amp import amp_settings
 from guie.train.averaging import EMA
@@ -64,7 +65,7 @@ class TrainStep(nn.Module):
 
 
 def trains_backbone(model: EmbeddingModel, stage: StageConfig) -> bool:
-    return trainable(stage, len(backbone_blocks(model))).backbone
+    return trainable(stage, backbone(model).num_blocks).backbone
 
 
 def stage_state(model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig) -> dict:
@@ -77,7 +78,7 @@ def stage_state(model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig) -> 
 def apply_stage_resolution(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Preprocess,
                            stage: StageConfig) -> None:
     set_resolution(model, preprocess, stage.image_size_px or cfg.preprocess.image_size,
-                   stage.patch_stride_px or int(model.visual.conv1.kernel_size[0]))
+                   stage.patch_stride_px or backbone(model).default_patch_stride)
 
 
 def load_stage_state(model: EmbeddingModel, loss_fn: ArcFace | None, state: dict) -> None:
@@ -104,6 +105,8 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     if resume and final_path.exists():
         done = load_checkpoint(final_path)
         load_stage_state(model, loss_fn, done["model"])
+        _drop_resume_state(last_path)  # a finished stage's optimizer state is dead weight
+        _say(f"{stage.name}: complete, skipped ({final_path} holds its weights)")
         return StageOutcome("done", final_path, done["metrics"], done["history"])
 
     backbone_trains = trains_backbone(model, stage)
@@ -169,6 +172,8 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         start, history = ckpt["next_batch"], ckpt["history"]
+        _say(f"{stage.name}: resumed at batch {start} of {total_batches} (optimizer step "
+             f"{start // stage.grad_accum}) from {last_path}")
     else:
         # The stage's randomness (dropout) must not depend on what ran before it, e.g. whether
         # the feature cache had to be built in this process.
@@ -186,6 +191,10 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
             model.visual.eval()
         if not any(g["name"] == "head" for g in groups):
             model.head.eval()
+        # No BatchNorm statistics drift: frozen norms anywhere (a frozen BatchNorm head), and
+        # every norm of the backbone, trained or not (why: guie.backbones).
+        freeze_batchnorm(model)
+        freeze_batchnorm(model.visual, statistics_of_trained=True)
 
     train_mode()
 
@@ -260,9 +269,44 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         history.append({"stage": stage.name, "batch": total_batches,
                         "epoch": total_batches / batches_per_epoch, "map5": metrics["map5"]})
     save(final_path, total_batches, metrics)
+    if dist.is_main():
+        # final.pt is what resume and the export read: last.pt's optimizer state (ViT-H AdamW:
+        # ~5 GB) would only eat Kaggle's 20 GB output cap.
+        _drop_resume_state(last_path)
+        if backbone_trains:
+            drop_superseded_backbones(cfg, stage, Path(out_dir), model)
     if from_cache:
         dist.barrier()
     return StageOutcome("done", final_path, metrics, history)
+
+
+def drop_superseded_backbones(cfg: ExperimentConfig, stage: StageConfig, out_dir: Path,
+                              model: EmbeddingModel) -> None:
+    """Once a backbone stage has finished, the backbone copies in earlier stages' final.pt are
+    superseded (loading the stages in order overwrites them): rewrite those files without it.
+    1st place's six backbone stages would otherwise leave six ViT-H copies (14 GB)."""
+    names = [s.name for s in cfg.stages]
+    for earlier in cfg.stages[:names.index(stage.name)] if stage.name in names else ():
+        path = out_dir / earlier.name / "final.pt"
+        if not earlier.enabled or not path.exists() or not trains_backbone(model, earlier):
+            continue
+        state = load_checkpoint(path)
+        if "visual" in state["model"]:
+            del state["model"]["visual"]
+            state["backbone_in"] = stage.name  # where its backbone now lives
+            save_checkpoint(state, path)
+
+
+def _drop_resume_state(last_path: Path) -> None:
+    if dist.is_main():
+        last_path.unlink(missing_ok=True)
+
+
+def _say(message: str) -> None:
+    """One line on rank 0: what a resumed run picked up or skipped (printed, so it lands in
+    the Kaggle log and the executed notebook, not only in a progress bar)."""
+    if dist.is_main():
+        print(message, flush=True)
 
 
 def _earlier_backbone_stages(cfg: ExperimentConfig, stage: StageConfig,

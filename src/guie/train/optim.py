@@ -7,25 +7,20 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from guie.backbones import backbone_of
 from guie.config import StageConfig
 from guie.model import EmbeddingModel
 
 
 def backbone_layer_groups(visual: nn.Module) -> list[list[nn.Parameter]]:
-    """Backbone parameters bottom-up: [embeddings], [block 0], ..., [block L-1], [final norm+proj].
+    """Backbone parameters bottom-up: [stem], [block 0], ..., [block L-1], [top]
+    (`guie.backbones`: a ViT's embeddings / blocks / final norm + projection, a timm trunk's
+    stem / blocks / head conv).
 
     The layer-wise LR decay of 4th place multiplies group i's LR by decay^(L+1-i), so the
-    patch embedding learns least and the top of the network most.
+    stem learns least and the top of the network most.
     """
-    blocks = list(visual.transformer.resblocks)
-    block_params = {id(p) for b in blocks for p in b.parameters()}
-    top_names = ("ln_post", "proj", "attn_pool")
-    stem, top = [], []
-    for name, p in visual.named_parameters():
-        if id(p) in block_params:
-            continue
-        (top if name.startswith(top_names) else stem).append(p)
-    return [stem] + [list(b.parameters()) for b in blocks] + [top]
+    return backbone_of(visual).layer_groups()
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ def trainable(stage: StageConfig, num_blocks: int) -> Trainable:
         else:
             raise ValueError(f"{stage.name}.train: {item!r} is not one of head, centres, backbone, "
                              f"backbone_stem, backbone_top, all, blocks:I-J with "
-                             f"0 <= I <= J < {num_blocks}")
+                             f"0 <= I <= J < {num_blocks} (this backbone's blocks)")
     if not (head or centres or layers):
         raise ValueError(f"{stage.name}.train: nothing to train")
     return Trainable(head, centres, frozenset(layers))
