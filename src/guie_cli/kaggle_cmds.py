@@ -1,13 +1,15 @@
-"""Kaggle commands: `push`, `status`, `submit`, `leaderboard`, `push-weights`.
+"""Kaggle commands: `push`, `status`, `submit`, `leaderboard`, `push-weights` (`run` and
+`probe` live in `guie_cli.kaggle_run`).
 
-Everything that would write to Kaggle takes `--dry-run`: it builds the same folders, lists what
+A mistake (a refused call, a bad config, a missing file) raises the kit's own error types, which
+`guie_cli.main` prints as one `error:` line (exit 2). Everything that would write to Kaggle
+takes `--dry-run`: it builds the same folders, lists what
 would be sent (files, sizes, metadata) and sends nothing. No command prompts when stdin is not a
 terminal. What `push` built and sent is recorded in <workdir>/state.json for the other commands.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 import subprocess
@@ -17,31 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from guie.kaggle import packaging
-from guie.kaggle.build import WHEELS_TEMPLATE, build_kernels
+from guie.kaggle.build import build_kernels, upload_datasets
 from guie.kaggle.inputs import is_kaggle_ref
 from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, kernel_config, owner_overrides,
-                                   plan_probe,
-                                   slugify_title, write_kernel)
+                                   slugify_title)
 from guie.kaggle.probe import PROBE_OUTPUT
 from guie.kaggle.platform import (DEFAULT_MACHINE_SHAPE, OUTPUT_CAP_BYTES, PLATFORM_RECORD,
                                   PlatformError, check_machine_shape, platform_facts)
 
 REPO = TEMPLATES_DIR.parent
 DRY_OWNER = "your-kaggle-username"  # shown by --dry-run when no credentials are set up
-
-
-def _reports_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from guie.kaggle.client import KaggleError
-
-        try:
-            return fn(args)
-        except (KaggleError, packaging.PackagingError, NotebookError, PlatformError,
-                ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    return run
 
 
 def _connect():
@@ -166,7 +153,6 @@ def _platform_notes(facts) -> list[str]:
     return notes
 
 
-@_reports_errors
 def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
     warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
@@ -210,27 +196,11 @@ def cmd_push(args: argparse.Namespace) -> int:
         return 0
 
     commit = git_commit()
-    pushed = state.get("source", {})
-    if pushed.get("ref") == source.ref and pushed.get("hash") == source.content_hash \
-            and client.dataset_status(source.ref) == "ready":
-        print(f"dataset {source.ref}: unchanged (hash {source.content_hash[:12]}), not re-uploaded")
-    else:
-        _push_and_wait(client, source.folder, f"{args.config} {source.content_hash[:12]} {commit}",
-                       "zip", args.poll_s)
-    if state.get("wheels", {}).get("requirements") != requirements \
-            or state.get("wheels", {}).get("python_version") != facts.python_version \
-            or client.dataset_status(build.wheels_ref) is None:
-        wheels = packaging.build_wheels_dataset(
-            Path(args.workdir) / "datasets" / build.wheels_ref.split("/")[1], WHEELS_TEMPLATE,
-            owner, secrets, facts.python_version, download=_wheel_download(args))
-        _push_and_wait(client, wheels.folder, f"{' '.join(requirements)} py{facts.python_version}",
-                       "skip", args.poll_s)
+    datasets = upload_datasets(client, build, owner, secrets, facts.python_version, state,
+                               f"{args.config} {commit}", args.poll_s, _wheel_download(args))
     kernels = dict(state.get("kernels", {})) if state.get("config") == args.config else {}
     new_state = {"config": args.config, "overrides": args.overrides, "commit": commit,
-                 "source": {"ref": source.ref, "hash": source.content_hash},
-                 "wheels": {"ref": build.wheels_ref, "requirements": requirements,
-                            "python_version": facts.python_version},
-                 "kernels": kernels,
+                 **datasets, "kernels": kernels,
                  "pushed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "submissions": state.get("submissions", []),
                  **({"probe": state["probe"]} if "probe" in state else {})}
@@ -263,17 +233,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _push_and_wait(client, folder: Path, notes: str, dir_mode: str, poll_s: float) -> None:
-    """Create or version a dataset, then wait for *that* version to be current and ready."""
-    ref = _json(folder / "dataset-metadata.json")["id"]
-    before = client.dataset_version(ref)
-    result = client.push_dataset(folder, notes, dir_mode=dir_mode)
-    print(f"dataset {ref}: {'created' if result.created else 'new version'}; waiting until "
-          "that version is ready")
-    version = client.wait_dataset_version(ref, before, poll_s=poll_s)
-    print(f"dataset {ref}: version {version} ready")
-
-
 def _print_output_size(cfg) -> None:
     """The training kernel's predicted output against Kaggle's 20 GB cap."""
     from guie.train.checkpoint import predict_output_bytes
@@ -295,7 +254,6 @@ def _print_output_size(cfg) -> None:
 # ----------------------------------------------------------------------------- status
 
 
-@_reports_errors
 def cmd_status(args: argparse.Namespace) -> int:
     state = _load_state(args)
     client = _connect()
@@ -339,7 +297,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- submit
 
 
-@_reports_errors
 def cmd_submit(args: argparse.Namespace) -> int:
     from guie.kaggle.client import COMPETITION, DailyCapReached, SubmissionRejected
     from guie.kaggle.history import submission_message
@@ -391,7 +348,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- leaderboard
 
 
-@_reports_errors
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from guie.kaggle.history import append_history, format_tables, plot_history, snapshot
 
@@ -410,7 +366,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- push-weights
 
 
-@_reports_errors
 def cmd_push_weights(args: argparse.Namespace) -> int:
     path = Path(args.path)
     client, owner, secrets = _secrets_and_owner(args)
@@ -435,50 +390,26 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- probe
-
-
-@_reports_errors
-def cmd_probe(args: argparse.Namespace) -> int:
-    warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
-    client, owner, secrets = _secrets_and_owner(args)
-    plan = plan_probe(owner, args.machine_shape)
-    folder = write_kernel(plan, Path(args.workdir) / "kernels")
-    packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
-    for line in warnings:
-        print(line)
-    if args.dry_run:
-        print("[dry run] nothing is sent to Kaggle.")
-        _list_folder(f"kernel {plan.ref}", folder, {"kernel-metadata.json": plan.metadata})
-        return 0
-    result = client.push_kernel(folder)
-    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
-    state.setdefault("kernels", {})
-    state["probe"] = {"ref": result.ref, "url": result.url, "version": result.version}
-    _save_state(args, state)
-    print(f"kernel {result.ref} version {result.version}: {result.url}\n"
-          f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
-          f"{Path(args.workdir) / PLATFORM_RECORD}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 
 
-def _machine_args(p: argparse.ArgumentParser) -> None:
+def machine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
                    help="Kaggle machine_shape (NvidiaTeslaT4 is 2xT4)")
     p.add_argument("--allow-unknown-machine-shape", action="store_true",
                    help="send a machine shape the kit does not know (Kaggle may give a P100)")
 
 
+def common_args(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = False) -> None:
+    p.add_argument("--workdir", default="build/kaggle", help="where built folders and state go")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true", help="build and list; send nothing")
+    if poll:
+        p.add_argument("--poll-s", type=float, default=15.0, help="first polling interval")
+
+
 def register(subparsers) -> None:
-    def common(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = False) -> None:
-        p.add_argument("--workdir", default="build/kaggle", help="where built folders and state go")
-        if dry_run:
-            p.add_argument("--dry-run", action="store_true", help="build and list; send nothing")
-        if poll:
-            p.add_argument("--poll-s", type=float, default=15.0, help="first polling interval")
+    common = common_args
 
     p = subparsers.add_parser("push", help="pack the source, build both kernels, push them to Kaggle")
     p.add_argument("--config", default="smoke", help="shipped config name")
@@ -493,7 +424,7 @@ def register(subparsers) -> None:
                    help="extra dataset to attach to both kernels (weights; repeatable)")
     p.add_argument("--resume-kernel", default=None, metavar="OWNER/SLUG",
                    help="a previous training kernel whose output the training run resumes from")
-    _machine_args(p)
+    machine_args(p)
     p.add_argument("--wait", action="store_true",
                    help="push training, wait until it has finished, then push inference on it")
     p.add_argument("--public", action="store_true", help="make the kernels public (default private)")
@@ -503,12 +434,6 @@ def register(subparsers) -> None:
                    help="take the wheels from this folder instead of `pip download`")
     common(p, poll=True)
     p.set_defaults(func=cmd_push)
-
-    p = subparsers.add_parser("probe", help="run a tiny kernel that records Kaggle's platform "
-                                             "(layout, versions, GPU) for the kit to use")
-    _machine_args(p)
-    common(p)
-    p.set_defaults(func=cmd_probe)
 
     p = subparsers.add_parser("status", help="state of the pushed kernels; --wait downloads outputs")
     p.add_argument("--wait", action="store_true", help="poll until done, then download output + log")
@@ -542,10 +467,11 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m guie_cli.kaggle_cmds COMMAND ...`: these commands alone."""
-    parser = argparse.ArgumentParser(prog="kaggle_cmds")
+    from guie_cli.main import CliParser, run_parsed
+
+    parser = CliParser(prog="kaggle_cmds")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_parsed(parser, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMAND_MODULES = ("local", "kaggle_cmds", "data_cmds", "search")
+COMMAND_MODULES = ("local", "kaggle_cmds", "kaggle_run", "data_cmds", "search")
 USER_ERROR_STATUS = 2
 # The kit's own exception types that mean "the user can fix this", by module. Looked up only in
 # modules already imported, so that checking an error never imports `kaggle` (which prints its
@@ -35,6 +35,7 @@ _USER_ERROR_TYPES = (
     ("guie.kaggle.answers", "KaggleError"),
     ("guie.kaggle.packaging", "PackagingError"),
     ("guie.kaggle.notebooks", "NotebookError"),
+    ("guie.kaggle.platform", "PlatformError"),
     ("guie.retrieval.index", "ModelContractError"),
     ("guie.retrieval.model_file", "ModelFileError"),
 )

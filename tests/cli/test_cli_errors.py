@@ -66,8 +66,6 @@ def test_unknown_config_in_data_commands(argv, capsys):
     assert_one_error_line(err, "unknown config `tinyy`", "did you mean `tiny`?", SHIPPED)
 
 
-@pytest.mark.xfail(strict=True, reason="kaggle_cmds._reports_errors prints the line itself and "
-                                       "returns 1; remove this mark once it lets errors reach main")
 def test_config_mistake_in_push(tmp_path, capsys):
     status, err = run(["push", "--dry-run", "--workdir", str(tmp_path), "--config", "smoke",
                        "stage2.epoch=3"], capsys)

@@ -184,7 +184,7 @@ def test_command_line_fetches_the_reference_sources_then_stats(fake_kaggle, tmp_
                  "motono0223/guie-products10k-tfrecords-label-1000-10690"]) == 0
     (detected,) = fetch.manifest_sources(tmp_path / "one")
     assert detected.pattern == "*-train-*.tfrec" and detected.kind == "tfrecord"
-    assert main(["data", "fetch", "--config", "smoke", "--dest", str(dest), "--quiet"]) == 1
+    assert main(["data", "fetch", "--config", "smoke", "--dest", str(dest), "--quiet"]) == 2
     assert "names no Kaggle datasets" in capsys.readouterr().err
 
 

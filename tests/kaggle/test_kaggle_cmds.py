@@ -15,7 +15,7 @@ import pytest
 from conftest import KEY, USERNAME
 from fake_server import default_leaderboard
 from guie.kaggle.packaging import tree_hash
-from guie_cli.kaggle_cmds import register
+from guie_cli.main import main
 
 SOURCES = 'data.sources=[{"name": "glr", "kind": "tfrecord", "location": "glr", "kaggle_slug": "someone/glr-mini-tfrecords"}]'
 SRC, WHEELS = f"{USERNAME}/guie-kit-src", f"{USERNAME}/guie-kit-wheels"
@@ -23,10 +23,8 @@ TRAIN, INFER = f"{USERNAME}/guie-train-smoke", f"{USERNAME}/guie-infer-smoke"
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The command line's own entry point, in this process (user errors exit 2)."""
+    return main(list(argv))
 
 
 @pytest.fixture
@@ -158,7 +156,7 @@ def test_a_new_source_version_is_awaited_by_number_not_by_ready(pushed, workdir,
 
 
 def test_push_refuses_an_unknown_machine_shape_and_warns_for_a_p100(fake_kaggle, workdir, capsys):
-    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1") == 1
+    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1") == 2  # a user error
     assert "not a shape the kit knows" in capsys.readouterr().err
     assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1",
                "--allow-unknown-machine-shape") == 0
@@ -191,14 +189,14 @@ def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
 
 def test_push_reports_a_slug_conflict(fake_kaggle, workdir, wheelhouse, capsys):
     fake_kaggle.fail("CreateDataset", 409, message="The dataset slug 'guie-kit-src' is already in use")
-    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 1
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 2  # a user error
     assert "already in use" in capsys.readouterr().err
     assert fake_kaggle.rpc_calls("SaveKernel") == []
 
 
 def test_push_with_bad_credentials_says_so(fake_kaggle, workdir, wheelhouse, monkeypatch, capsys):
     monkeypatch.setenv("KAGGLE_KEY", "wrong-key-0000000000")
-    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 1
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 2  # a user error
     assert "refused the credentials of user 'fake-user'" in capsys.readouterr().err
 
 
@@ -252,7 +250,7 @@ def test_submit_dry_run_sends_nothing(pushed, workdir, capsys):
 
 
 def test_submit_refuses_a_kernel_that_has_not_finished(pushed, workdir, capsys):
-    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert cli("submit", "--workdir", workdir, "--yes") == 2  # a user error
     assert "RUNNING" in capsys.readouterr().err and pushed.rpc_calls("CreateCodeSubmission") == []
 
 
@@ -389,7 +387,7 @@ def test_submit_refuses_an_unknown_kernel_version(pushed, workdir, capsys):
     state["kernels"]["infer"]["version"] = None  # push answered without a version number
     (Path(workdir) / "state.json").write_text(json.dumps(state))
     complete_infer(pushed)
-    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert cli("submit", "--workdir", workdir, "--yes") == 2  # a user error
     assert "version of kernel fake-user/guie-infer-smoke is unknown" in capsys.readouterr().err
     assert cli("submit", "--workdir", workdir, "--yes", "--version", "1") == 0
     assert pushed.rpc_calls("CreateCodeSubmission")[0]["kernelVersion"] == 1
@@ -397,6 +395,6 @@ def test_submit_refuses_an_unknown_kernel_version(pushed, workdir, capsys):
 
 def test_submit_refuses_an_output_without_the_submission(pushed, workdir, capsys):
     pushed.add_kernel_run(INFER, [("COMPLETE", "")], {"other.txt": b"x"}, "")
-    assert cli("submit", "--workdir", workdir, "--yes") == 1
+    assert cli("submit", "--workdir", workdir, "--yes") == 2  # a user error
     assert "output submission.zip MISSING" in capsys.readouterr().out
     assert pushed.rpc_calls("CreateCodeSubmission") == []

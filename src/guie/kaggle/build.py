@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from guie.kaggle import packaging
 from guie.kaggle.notebooks import KernelPlan, plan_kernels, write_kernel
@@ -40,3 +41,43 @@ def build_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: s
     for folder in folders.values():
         packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
     return KernelBuild(source, wheels_ref, plans, folders)
+
+
+def push_dataset_and_wait(client, folder: Path, notes: str, dir_mode: str, poll_s: float,
+                          log: Callable[[str], None] = print) -> int:
+    """Create or version a dataset, then wait for *that* version to be current and ready."""
+    ref = json.loads((folder / "dataset-metadata.json").read_text())["id"]
+    before = client.dataset_version(ref)
+    result = client.push_dataset(folder, notes, dir_mode=dir_mode)
+    log(f"dataset {ref}: {'created' if result.created else 'new version'}; waiting until that "
+        "version is ready")
+    version = client.wait_dataset_version(ref, before, poll_s=poll_s)
+    log(f"dataset {ref}: version {version} ready")
+    return version
+
+
+def upload_datasets(client, build: KernelBuild, owner: str, secrets: Sequence[str],
+                    python_version: str, state: dict, notes: str, poll_s: float,
+                    download: Callable[[Sequence[str], Path, str], None] = packaging.pip_download,
+                    log: Callable[[str], None] = print) -> dict:
+    """Upload the source and wheels datasets where they changed since `state` (the record of
+    the last push); the record of what is on Kaggle now."""
+    source = build.source
+    pushed = state.get("source", {})
+    if pushed.get("ref") == source.ref and pushed.get("hash") == source.content_hash \
+            and client.dataset_status(source.ref) == "ready":
+        log(f"dataset {source.ref}: unchanged (hash {source.content_hash[:12]}), not re-uploaded")
+    else:
+        push_dataset_and_wait(client, source.folder, f"{source.content_hash[:12]} {notes}", "zip",
+                              poll_s, log)
+    requirements = list(packaging.WHEEL_REQUIREMENTS)
+    wheels = {"ref": build.wheels_ref, "requirements": requirements,
+              "python_version": python_version}
+    if {k: state.get("wheels", {}).get(k) for k in wheels} != wheels \
+            or client.dataset_status(build.wheels_ref) is None:
+        folder = build.source.folder.parent / build.wheels_ref.split("/")[1]
+        packed = packaging.build_wheels_dataset(folder, WHEELS_TEMPLATE, owner, secrets,
+                                                python_version, download=download)
+        push_dataset_and_wait(client, packed.folder, f"{' '.join(requirements)} py{python_version}",
+                              "skip", poll_s, log)
+    return {"source": {"ref": source.ref, "hash": source.content_hash}, "wheels": wheels}

@@ -18,7 +18,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import requests
 
@@ -232,8 +232,10 @@ class KaggleClient:
             self._sleep(poll_s)
             poll_s = min(poll_s * 1.5, max_poll_s)
 
-    def download_kernel_output(self, ref: str, dest: Path) -> KernelOutput:
-        """ListKernelSessionOutput, then GET every file url; writes the log as <slug>.log.
+    def download_kernel_output(self, ref: str, dest: Path,
+                               only: Sequence[str] | None = None) -> KernelOutput:
+        """ListKernelSessionOutput, then GET every file url (or those named in `only`: a
+        training output's checkpoints are gigabytes); writes the log as <slug>.log.
 
         Done here rather than with `kernels_output`, which writes an error page to disk as if it
         were the file when a url answers 4xx/5xx.
@@ -252,7 +254,8 @@ class KaggleClient:
                 lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
             log_raw = log_raw or (answer.log or "")
             for item in answer.files or []:
-                files.append(self._download(item.url, dest, item.file_name, f"output of {ref}"))
+                if only is None or item.file_name in only:
+                    files.append(self._download(item.url, dest, item.file_name, f"output of {ref}"))
             token = answer.next_page_token
             if not token:
                 break

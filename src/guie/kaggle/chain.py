@@ -1,0 +1,269 @@
+"""`submit.py run`: chain Kaggle sessions from a config to a scored submission.
+
+A recipe's stage 2 can outlast one 12-hour session. The chain pushes a training kernel, waits,
+reads from its output (`guie-run.json`) whether training finished or paused at `max_hours`, and
+if paused pushes the next session's own kernel (`guie-train-<config>-s<n>`) resuming from the
+previous one's output; then the inference kernel on the last training output, checks that its
+`submission.zip` came from this run, and submits it (the daily cap checked first) and waits for
+the score. Every push is recorded in `<workdir>/run-<config>.json` before anything waits on it,
+so a stopped command, started again, waits on the pending kernel instead of pushing another.
+A kernel that ends in ERROR stops the chain with its message and log tail: never a blind retry.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+from guie.kaggle.build import build_kernels, upload_datasets
+from guie.kaggle.inputs import RUN_MARKER
+from guie.kaggle.notebooks import EXPORT_MARKER, run_identity
+
+Until = Literal["trained", "exported", "submitted"]
+UNTIL = ("trained", "exported", "submitted")
+LOG_TAIL_LINES = 30
+
+
+class ChainStopped(RuntimeError):
+    """The chain cannot go on (a failed kernel, a foreign export); the message says why."""
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    config_name: str
+    overrides: tuple[str, ...]
+    owner: str
+    workdir: Path
+    secrets: tuple[str, ...]
+    python_version: str
+    until: Until = "submitted"
+    max_hours: float = 11.0  # per training session
+    max_quota_hours: float = 30.0  # GPU hours this chain may spend (Kaggle's weekly quota)
+    machine_shape: str = "NvidiaTeslaT4"
+    daily_cap: int = 5
+    poll_s: float = 15.0
+    plan_options: dict = field(default_factory=dict)  # more plan_kernels options (compat, ...)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ChainState:
+    """The chain's record: its run, every kernel it pushed and what became of it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+    @property
+    def sessions(self) -> list[dict]:
+        return self.data["sessions"]
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [s for s in self.sessions if s["kind"] == kind]
+
+    @property
+    def hours_spent(self) -> float:
+        return sum(s.get("hours") or 0.0 for s in self.sessions)
+
+
+def _hours(run: dict) -> float:
+    try:
+        started = datetime.fromisoformat(run["session_started_at"])
+        ended = datetime.fromisoformat(run["session_ended_at"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max((ended - started).total_seconds() / 3600, 0.0)
+
+
+def describe(settings: ChainSettings, num_stages: int) -> list[str]:
+    """The chain `run --dry-run` shows: what it would push, in order, with its limits."""
+    lines = [f"1. training sessions of up to {settings.max_hours:g} h each ({num_stages} stages), "
+             "each resuming from the previous session's output, until the stages are done; "
+             f"stops before the GPU hours spent would pass {settings.max_quota_hours:g} h"]
+    if settings.until in ("exported", "submitted"):
+        lines.append("2. the inference kernel on the last training output; its submission.zip "
+                     "must come from this run")
+    if settings.until == "submitted":
+        lines.append(f"3. one code submission (daily cap {settings.daily_cap} checked first), "
+                     "then waiting for its score")
+    return lines
+
+
+class Chain:
+    def __init__(self, client, cfg, settings: ChainSettings,
+                 download: Callable | None = None, log: Callable[[str], None] = print):
+        self.client, self.cfg, self.s, self.log = client, cfg, settings, log
+        self.download = download
+        self.state = ChainState(Path(settings.workdir) / f"run-{settings.config_name}.json")
+
+    # -- building and pushing ------------------------------------------------------------------
+
+    def _build(self, kinds: Sequence[str], session: int = 1, **options):
+        return build_kernels(self.cfg, self.s.config_name, list(self.s.overrides), self.s.owner,
+                             self.s.workdir, self.s.secrets, kinds=kinds,
+                             max_hours=self.s.max_hours, machine_shape=self.s.machine_shape,
+                             session=session, **self.s.plan_options, **options)
+
+    def _push(self, kind: str, folder: Path, **record) -> dict:
+        result = self.client.push_kernel(folder)
+        entry = {"kind": kind, "ref": result.ref, "version": result.version,
+                 "pushed_at": _now(), "outcome": None, **record}
+        self.state.sessions.append(entry)
+        self.state.save()  # before waiting: a restarted chain waits on it, never pushes again
+        self.log(f"pushed {kind} kernel {result.ref} version {result.version}")
+        return entry
+
+    def _start(self) -> None:
+        """The datasets, once per chain (again only if the source changed)."""
+        build = self._build(["train"])
+        run = run_identity(self.s.config_name, list(self.s.overrides), build.source.content_hash)
+        known = self.state.data.get("run")
+        if known and known["run_id"] != run["run_id"] and self.state.sessions:
+            raise ChainStopped(
+                f"{self.state.path}: this chain trains run {known['run_id']} (source "
+                f"{known['source_hash'][:12]}), but the config, overrides or source now make run "
+                f"{run['run_id']}; resuming it under other code would not reproduce it. Move the "
+                "state file away to start a new chain.")
+        options = {"download": self.download} if self.download else {}
+        datasets = upload_datasets(self.client, build, self.s.owner, self.s.secrets,
+                                   self.s.python_version, self.state.data.get("datasets", {}),
+                                   f"run {run['run_id']}", self.s.poll_s, log=self.log, **options)
+        self.state.data.update(run=run, datasets=datasets, config=self.s.config_name,
+                               overrides=list(self.s.overrides))
+        self.state.save()
+
+    # -- waiting ---------------------------------------------------------------------------------
+
+    def _wait(self, entry: dict) -> None:
+        status = self.client.wait_kernel(entry["ref"], poll_s=self.s.poll_s)
+        dest = Path(self.s.workdir) / "outputs" / f"{entry['ref'].split('/')[1]}-v{entry['version']}"
+        wanted = [RUN_MARKER] if entry["kind"] == "train" else [EXPORT_MARKER, "submission.zip"]
+        output = self.client.download_kernel_output(entry["ref"], dest, only=wanted)
+        entry["state"], entry["finished_at"] = status.state, _now()
+        if status.state != "COMPLETE":
+            entry["outcome"] = "error"
+            self.state.save()
+            tail = "\n".join(output.log_text.splitlines()[-LOG_TAIL_LINES:])
+            raise ChainStopped(f"kernel {entry['ref']} version {entry['version']} ended "
+                               f"{status.state}: {status.failure_message or 'no message'}\n"
+                               f"--- last {LOG_TAIL_LINES} log lines ---\n{tail}")
+        marker = dest / (RUN_MARKER if entry["kind"] == "train" else EXPORT_MARKER)
+        found = json.loads(marker.read_text()) if marker.is_file() else {}
+        if found.get("run_id") != self.state.data["run"]["run_id"]:
+            entry["outcome"] = "foreign"
+            self.state.save()
+            raise ChainStopped(f"kernel {entry['ref']}: its output holds run "
+                               f"{found.get('run_id', 'none')}, not {self.state.data['run']['run_id']}")
+        if entry["kind"] == "train":
+            entry["outcome"], entry["hours"] = found["status"], _hours(found)
+            entry["paused_in"] = found.get("paused_in")
+        else:
+            entry["outcome"], entry["hours"] = "done", None
+            entry["submission_zip"] = str(dest / "submission.zip")
+        self.state.save()
+        self._progress(entry)
+
+    def _progress(self, entry: dict) -> None:
+        trains = self.state.of_kind("train")
+        names = [st.name for st in self.cfg.stages if st.enabled]
+        where = (f"paused in {entry['paused_in']} (stage {names.index(entry['paused_in']) + 1} "
+                 f"of {len(names)})" if entry.get("paused_in") in names else entry["outcome"])
+        left = ""
+        if entry["kind"] == "train" and entry.get("paused_in") in names:
+            done = names.index(entry["paused_in"]) + 0.5  # halfway through that stage, roughly
+            rate = self.state.hours_spent / done
+            left = f"; about {rate * (len(names) - done):.2f} h left (rough: stages done so far)"
+        self.log(f"{entry['kind']} session {len(trains) if entry['kind'] == 'train' else 1}: "
+                 f"{where}; {len(trains)} training sessions, {self.state.hours_spent:.3f} of "
+                 f"{self.s.max_quota_hours:g} GPU hours spent{left}")
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self._start()
+        for entry in self.state.sessions:
+            if entry["outcome"] is None:
+                self.log(f"waiting on {entry['kind']} kernel {entry['ref']} version "
+                         f"{entry['version']}, pushed at {entry['pushed_at']}")
+                self._wait(entry)
+            elif entry["outcome"] == "error":
+                raise ChainStopped(f"kernel {entry['ref']} version {entry['version']} failed "
+                                   "before; fix the cause and move the state file away to retry")
+        while True:
+            trains = self.state.of_kind("train")
+            if not trains or trains[-1]["outcome"] == "paused":
+                # The next session is expected to take what the earlier ones took (their mean),
+                # or the session budget before any has run.
+                measured = [t["hours"] for t in trains if t.get("hours")]
+                expected = sum(measured) / len(measured) if measured else self.s.max_hours
+                if self.state.hours_spent + expected > self.s.max_quota_hours:
+                    self.log(f"stopped before session {len(trains) + 1}: "
+                             f"{self.state.hours_spent:.3f} GPU hours spent and about "
+                             f"{expected:.3f} more expected would pass the budget of "
+                             f"{self.s.max_quota_hours:g}; run again with a larger "
+                             "--max-quota-hours to go on")
+                    return {"status": "quota", **self.state.data}
+                previous = trains[-1]["ref"] if trains else None
+                build = self._build(["train"], session=len(trains) + 1, resume_kernel=previous)
+                self._wait(self._push("train", build.folders["train"], session=len(trains) + 1))
+                continue
+            if self.s.until == "trained":
+                return {"status": "trained", **self.state.data}
+            infers = self.state.of_kind("infer")
+            if not infers:
+                build = self._build(["infer"], checkpoint_kernel=trains[-1]["ref"],
+                                    expected_run=self.state.data["run"])
+                self._wait(self._push("infer", build.folders["infer"]))
+                continue
+            if self.s.until == "exported":
+                return {"status": "exported", **self.state.data}
+            return self._submit(infers[-1])
+
+    def _submit(self, infer: dict) -> dict:
+        from guie.kaggle.history import submission_message
+
+        submission = self.state.data.get("submission")
+        if submission is None:
+            message = submission_message(self.s.config_name, self.state.data["run"]["run_id"],
+                                         infer["ref"], infer["version"])
+            receipt = self.client.submit_code(infer["ref"], infer["version"], message,
+                                              daily_cap=self.s.daily_cap)
+            submission = self.state.data["submission"] = {"ref": receipt.ref, "message": message,
+                                                          "submitted_at": _now()}
+            self.state.save()
+            self.log(f"submitted {infer['ref']} version {infer['version']}: ref {receipt.ref} "
+                     f"({receipt.remaining_today} left today)")
+        scored = self._wait_for_score(submission["ref"])
+        submission.update(status=scored.status, public_score=scored.public_score)
+        self.state.save()
+        return {"status": "submitted", **self.state.data}
+
+    def _wait_for_score(self, ref: int, timeout_s: float = 6 * 3600):
+        import time
+
+        from guie.kaggle.history import append_history, snapshot
+
+        deadline, poll_s = time.monotonic() + timeout_s, self.s.poll_s
+        while True:
+            submissions = self.client.list_submissions()
+            mine = next((s for s in submissions if str(s.ref) == str(ref)), None)
+            if mine is not None and mine.status in ("COMPLETE", "ERROR"):
+                append_history(Path(self.s.workdir) / "history.csv", snapshot(submissions, []))
+                self.log(f"submission {ref}: {mine.status}, public score {mine.public_score}"
+                         + (f" ({mine.error_description})" if mine.error_description else ""))
+                return mine
+            if time.monotonic() > deadline:
+                raise ChainStopped(f"submission {ref}: not scored after {timeout_s:.0f} s; "
+                                   "`submit.py leaderboard` shows it later")
+            self.client._sleep(poll_s)  # the client's clock, so tests can drive it
+            poll_s = min(poll_s * 1.5, 300)
