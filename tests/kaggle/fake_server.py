@@ -166,6 +166,11 @@ class FakeKaggle:
         self.upload_break: str | None = None  # "503" or "drop": the next blob PUT breaks midway
         self.reject_submission: str | None = None  # CreateCodeSubmission answers 400 with this
         self.daily_cap = 5
+        # Set: SaveKernel hands each pushed version to it, which runs the notebook (and sets the
+        # kernel's statuses, outputs and log); None: kernels answer RUNNING then COMPLETE.
+        self.kernel_runner: Callable[[Kernel, dict], None] | None = None
+        # Set: a listed PENDING submission is scored with this public score.
+        self.score_pending: str | None = None
         self.limits_endpoint = True  # False: GetSubmissionLimits answers 404
         self.downloads: list[dict] = []  # every file GET: path, range, status, start, sent
         self.download_breaks: list[DownloadBreak] = []
@@ -460,6 +465,9 @@ class FakeKaggle:
             raise ApiError(400, "SaveKernel: text is not an nbformat 4 notebook")
         kernel = self.kernels.setdefault(req.slug, Kernel(req.slug))
         kernel.versions.append(raw)
+        if self.kernel_runner is not None:  # really run it (tests/kaggle/kernel_runner.py)
+            kernel.statuses, kernel.outputs, kernel.log = [("QUEUED", "")], {}, ""
+            self.kernel_runner(kernel, raw)
         kernel.statuses = kernel.statuses or [("RUNNING", ""), ("COMPLETE", "")]
         invalid = [s for s in req.dataset_data_sources if s in self.missing_datasets]
         return {"ref": f"/code/{req.slug}", "url": f"https://www.kaggle.com/code/{req.slug}",
@@ -507,6 +515,9 @@ class FakeKaggle:
     def _list_submissions(self, req: Any, raw: dict) -> dict:
         if req.competition_name != COMPETITION:
             raise ApiError(404, "Competition not found")
+        for submission in self.submissions:
+            if submission["status"] == "PENDING" and self.score_pending is not None:
+                submission.update(status="COMPLETE", publicScore=self.score_pending)
         ordered = sorted(self.submissions, key=lambda s: s["date"], reverse=True)
         start = int(req.page_token or 0)
         size = req.page_size or 20

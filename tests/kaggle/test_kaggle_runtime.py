@@ -24,6 +24,7 @@ import pytest
 
 from conftest import USERNAME
 from guie.kaggle.emulate import mount_notebook_output, mount_uploaded
+from kernel_runner import PAPERMILL
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +77,9 @@ def _execute(python: Path, notebook: Path, executed: Path, cwd: Path, **changed)
     from guie.kaggle.notebooks import injected_parameters
 
     parameters = {**injected_parameters(notebook), **{k: str(v) for k, v in changed.items()}}
-    params_file = executed.with_suffix(".parameters.json")  # JSON is YAML
+    params_file = executed.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(parameters))
-    argv = [str(python), "-m", "papermill", str(notebook), str(executed), "--kernel", "python3",
-            "--cwd", str(cwd), "--no-progress-bar", "-f", str(params_file)]
+    argv = [str(python), "-c", PAPERMILL, str(notebook), str(executed), str(cwd), str(params_file)]
     done = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(cwd), timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
