@@ -12,109 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
 
 from guie.kaggle import packaging
 from guie.kaggle.build import build_kernels, upload_datasets
 from guie.kaggle.inputs import is_kaggle_ref
-from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, kernel_config, owner_overrides,
-                                   slugify_title)
+from guie.kaggle.notebooks import kernel_config, owner_overrides, slugify_title
+from guie.kaggle.platform import (OUTPUT_CAP_BYTES, PLATFORM_RECORD, check_machine_shape,
+                                  platform_facts)
 from guie.kaggle.probe import PROBE_OUTPUT
-from guie.kaggle.platform import (DEFAULT_MACHINE_SHAPE, OUTPUT_CAP_BYTES, PLATFORM_RECORD,
-                                  PlatformError, check_machine_shape, platform_facts)
-
-REPO = TEMPLATES_DIR.parent
-DRY_OWNER = "your-kaggle-username"  # shown by --dry-run when no credentials are set up
-
-
-def _connect():
-    from guie.kaggle.client import KaggleClient
-
-    return KaggleClient.connect()
-
-
-def _state_path(args: argparse.Namespace) -> Path:
-    return Path(args.workdir) / "state.json"
-
-
-def _load_state(args: argparse.Namespace) -> dict:
-    path = _state_path(args)
-    if not path.exists():
-        raise ValueError(f"{path}: nothing pushed from this workdir yet (run `submit.py push`)")
-    return json.loads(path.read_text())
-
-
-def _save_state(args: argparse.Namespace, state: dict) -> None:
-    _state_path(args).parent.mkdir(parents=True, exist_ok=True)
-    _state_path(args).write_text(json.dumps(state, indent=2) + "\n")
-
-
-def git_commit(repo: Path = REPO) -> str:
-    """Short commit of the working tree, '-dirty' when tracked files changed; 'unknown' without git."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _confirm(question: str, assume_yes: bool) -> bool:
-    if assume_yes or not sys.stdin.isatty():
-        return True
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _list_folder(title: str, folder: Path, extra: dict[str, Any] | None = None) -> None:
-    print(title)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for p in files:
-        print(f"  {p.relative_to(folder).as_posix():60s} {_size(p.stat().st_size):>10s}")
-    print(f"  {len(files)} files, {_size(sum(p.stat().st_size for p in files))}")
-    for name, value in (extra or {}).items():
-        print(f"  {name}: {json.dumps(value, indent=2)}".replace("\n", "\n  "))
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def _secrets_and_owner(args: argparse.Namespace):
-    """(client or None, owner, secrets): --dry-run reads credentials locally, never connects."""
-    from guie.kaggle.client import CREATE_TOKEN, find_credentials, where_credentials_are_read
-
-    if args.dry_run:
-        credentials = find_credentials()
-        if not credentials.username:
-            print(f"warning: no Kaggle credentials found; the dry run names the owner "
-                  f"{DRY_OWNER!r}. Looked at: {where_credentials_are_read()}. {CREATE_TOKEN}")
-        return None, credentials.username or DRY_OWNER, credentials.secrets
-    client = _connect()
-    return client, client.username, client.credentials.secrets
-
-
-def _wheel_download(args: argparse.Namespace) -> Callable[[Sequence[str], Path, str], None]:
-    if not args.wheels_from:
-        return packaging.pip_download
-
-    def copy_from(requirements: Sequence[str], dest: Path, python_version: str) -> None:
-        for wheel in Path(args.wheels_from).glob("*.whl"):
-            shutil.copy2(wheel, dest / wheel.name)
-    return copy_from
+from guie_cli.kaggle_common import (common_args, confirm, connect, git_commit,
+                                    list_folder, load_state, machine_args, read_json, save_state,
+                                    secrets_and_owner, state_path, wheel_download)
 
 
 # ----------------------------------------------------------------------------- push
@@ -156,11 +67,11 @@ def _platform_notes(facts) -> list[str]:
 def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
     warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
-    client, owner, secrets = _secrets_and_owner(args)
+    client, owner, secrets = secrets_and_owner(args)
     overrides = [*args.overrides, *owner_overrides(cfg, owner)]
     cfg = kernel_config(args.config, overrides)
     facts = platform_facts(args.workdir)
-    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
+    state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     chosen = ["train", "infer"] if args.kernels == "both" else [args.kernels]
     # Pushed together, the inference kernel would run at once on the training kernel's
     # previous output: it is pushed after training has finished (--wait), or later by hand.
@@ -183,13 +94,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         print("[dry run] built everything; nothing is sent to Kaggle.")
-        _list_folder(f"dataset {source.ref} (src/ uploads as one zip; hash {source.content_hash[:12]})",
-                     source.folder, {"dataset-metadata.json": _json(source.folder / "dataset-metadata.json")})
+        list_folder(f"dataset {source.ref} (src/ uploads as one zip; hash {source.content_hash[:12]})",
+                     source.folder, {"dataset-metadata.json": read_json(source.folder / "dataset-metadata.json")})
         print(f"dataset {build.wheels_ref}: sent only if missing or its pins changed, from "
               f"{args.wheels_from or 'pip download'} {' '.join(requirements)} (pure-Python wheels "
               f"for Python {facts.python_version}, from {facts.source})")
         for kind, folder in folders.items():
-            _list_folder(f"kernel {plans[kind].ref}", folder,
+            list_folder(f"kernel {plans[kind].ref}", folder,
                          {"kernel-metadata.json": plans[kind].metadata,
                           "parameters": plans[kind].parameters})
         _print_output_size(cfg)
@@ -197,7 +108,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     commit = git_commit()
     datasets = upload_datasets(client, build, owner, secrets, facts.python_version, state,
-                               f"{args.config} {commit}", args.poll_s, _wheel_download(args))
+                               f"{args.config} {commit}", args.poll_s, wheel_download(args))
     kernels = dict(state.get("kernels", {})) if state.get("config") == args.config else {}
     new_state = {"config": args.config, "overrides": args.overrides, "commit": commit,
                  **datasets, "kernels": kernels,
@@ -210,7 +121,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         run = plans[kind].parameters.get("run") or plans[kind].parameters.get("expected_run")
         kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version, "run": run}
         print(f"kernel {result.ref} version {result.version}: {result.url}")
-        _save_state(args, new_state)
+        save_state(args, new_state)
 
     if "train" in chosen:
         push("train")
@@ -255,8 +166,8 @@ def _print_output_size(cfg) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = _load_state(args)
-    client = _connect()
+    state = load_state(args)
+    client = connect()
     failed = False
     watched = {**state.get("kernels", {}), **({"probe": state["probe"]} if "probe" in state else {})}
     for kind, info in watched.items():
@@ -301,7 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from guie.kaggle.client import COMPETITION, DailyCapReached, SubmissionRejected
     from guie.kaggle.history import submission_message
 
-    state = _load_state(args)
+    state = load_state(args)
     if "infer" not in state["kernels"]:
         raise ValueError("no inference kernel pushed yet (run `submit.py push`)")
     kernel = state["kernels"]["infer"]
@@ -317,7 +228,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"[dry run] would submit {kernel['ref']} version {version} "
               f"(file {args.file}) to {COMPETITION} with message {message!r}; nothing is sent.")
         return 0
-    client = _connect()
+    client = connect()
     status = client.kernel_status(kernel["ref"])
     outputs = client.kernel_output_names(kernel["ref"]) if status.state == "COMPLETE" else []
     print(f"kernel {kernel['ref']} version {version}: {status.state}; output "
@@ -328,7 +239,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.file not in outputs:
         raise ValueError(f"kernel {kernel['ref']}: its output has no {args.file} (it has "
                          f"{', '.join(outputs) or 'nothing'}); see `submit.py status --wait`")
-    if not _confirm(f"Submit {kernel['ref']} v{version} to {COMPETITION}?", args.yes):
+    if not confirm(f"Submit {kernel['ref']} v{version} to {COMPETITION}?", args.yes):
         print("not submitted")
         return 1
     try:
@@ -341,7 +252,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print("next: `submit.py leaderboard` shows the score once Kaggle has scored it")
     state.setdefault("submissions", []).append(
         {"ref": receipt.ref, "kernel": kernel["ref"], "version": version, "message": message})
-    _save_state(args, state)
+    save_state(args, state)
     return 0
 
 
@@ -351,7 +262,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from guie.kaggle.history import append_history, format_tables, plot_history, snapshot
 
-    client = _connect()
+    client = connect()
     submissions, board = client.list_submissions(), client.leaderboard(top=args.top)
     work = Path(args.workdir)
     history = append_history(work / "history.csv", snapshot(submissions, board))
@@ -368,7 +279,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_push_weights(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    client, owner, secrets = _secrets_and_owner(args)
+    client, owner, secrets = secrets_and_owner(args)
     slug = args.slug or slugify_title(f"guie weights {path.stem}")[:50].rstrip("-")
     title = args.title or f"GUIE weights {path.stem}"[:50]
     meta = {"id": f"{owner}/{slug}", "title": title, "licenses": [{"name": args.license}],
@@ -377,8 +288,8 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
     value = f"kaggle:{packed.ref}/{path.name}"  # resolved by the kernels in any mount layout
     if args.dry_run:
         print("[dry run] nothing is sent to Kaggle.")
-        _list_folder(f"dataset {packed.ref}", packed.folder,
-                     {"dataset-metadata.json": _json(packed.folder / "dataset-metadata.json")})
+        list_folder(f"dataset {packed.ref}", packed.folder,
+                     {"dataset-metadata.json": read_json(packed.folder / "dataset-metadata.json")})
         print(f"in a config: model.pretrained_path={value}")
         return 0
     result = client.push_dataset(packed.folder, f"{path.name} sha256 {packed.content_hash[:12]}",
@@ -391,21 +302,6 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-
-
-def machine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
-                   help="Kaggle machine_shape (NvidiaTeslaT4 is 2xT4)")
-    p.add_argument("--allow-unknown-machine-shape", action="store_true",
-                   help="send a machine shape the kit does not know (Kaggle may give a P100)")
-
-
-def common_args(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = False) -> None:
-    p.add_argument("--workdir", default="build/kaggle", help="where built folders and state go")
-    if dry_run:
-        p.add_argument("--dry-run", action="store_true", help="build and list; send nothing")
-    if poll:
-        p.add_argument("--poll-s", type=float, default=15.0, help="first polling interval")
 
 
 def register(subparsers) -> None:

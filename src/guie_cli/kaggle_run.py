@@ -12,15 +12,15 @@ from guie.kaggle.chain import UNTIL, Chain, ChainSettings, ChainStopped, describ
 from guie.kaggle.notebooks import kernel_config, owner_overrides, plan_probe, write_kernel
 from guie.kaggle.platform import PLATFORM_RECORD, check_machine_shape, platform_facts
 from guie.kaggle.probe import PROBE_OUTPUT
-from guie_cli.kaggle_cmds import (_list_folder, _save_state, _secrets_and_owner, _state_path,
-                                  _wheel_download, common_args, machine_args)
+from guie_cli.kaggle_common import (common_args, list_folder, machine_args, save_state,
+                                    secrets_and_owner, state_path, wheel_download)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)
     for line in check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape):
         print(line)
-    client, owner, secrets = _secrets_and_owner(args)
+    client, owner, secrets = secrets_and_owner(args)
     overrides = [*args.overrides, *owner_overrides(cfg, owner)]
     cfg = kernel_config(args.config, overrides)
     settings = ChainSettings(
@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in describe(settings, len([s for s in cfg.stages if s.enabled])):
             print(f"  {line}")
         return 0
-    chain = Chain(client, cfg, settings, download=_wheel_download(args),
+    chain = Chain(client, cfg, settings, download=wheel_download(args),
                   log=lambda line: print(line, flush=True))
     try:
         result = chain.run()
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
-    client, owner, secrets = _secrets_and_owner(args)
+    client, owner, secrets = secrets_and_owner(args)
     plan = plan_probe(owner, args.machine_shape)
     folder = write_kernel(plan, Path(args.workdir) / "kernels")
     packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
@@ -60,13 +60,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(line)
     if args.dry_run:
         print("[dry run] nothing is sent to Kaggle.")
-        _list_folder(f"kernel {plan.ref}", folder, {"kernel-metadata.json": plan.metadata})
+        list_folder(f"kernel {plan.ref}", folder, {"kernel-metadata.json": plan.metadata})
         return 0
     result = client.push_kernel(folder)
-    state = json.loads(_state_path(args).read_text()) if _state_path(args).exists() else {}
+    state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     state.setdefault("kernels", {})
     state["probe"] = {"ref": result.ref, "url": result.url, "version": result.version}
-    _save_state(args, state)
+    save_state(args, state)
     print(f"kernel {result.ref} version {result.version}: {result.url}\n"
           f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
           f"{Path(args.workdir) / PLATFORM_RECORD}")

@@ -32,7 +32,7 @@ def where_credentials_are_read() -> str:
     the same way by `push --dry-run`, the client's auth error and the README."""
     home_dir = Path(os.path.expanduser("~")) / ".kaggle"
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    places = [f"KAGGLE_USERNAME + KAGGLE_KEY in the environment",
+    places = ["KAGGLE_USERNAME + KAGGLE_KEY in the environment",
               f"KAGGLE_CONFIG_DIR/kaggle.json (KAGGLE_CONFIG_DIR is "
               f"{os.environ.get('KAGGLE_CONFIG_DIR') or 'not set'})",
               f"{home_dir}/kaggle.json when {home_dir} exists, else {Path(xdg) / 'kaggle'}/kaggle.json",
