@@ -1,0 +1,56 @@
+"""The README's command lines, as they stand, are commands the kit's parser takes.
+
+Every `python submit.py ...` in the README (code blocks and inline code) is parsed by the real
+parser: a renamed option, a removed command or a stale choice fails here instead of in a
+newcomer's first hour. Optional parts written `[--opt X]` are parsed with and without them.
+Running them is the other tests' job (local, search, push against the local server).
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from guie_cli.main import build_parser
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# A line of a code block, or an inline code span, that runs the command line.
+COMMAND = re.compile(r"python submit\.py [^`\n]*")
+
+
+def readme_commands() -> list[str]:
+    found = []
+    for match in COMMAND.finditer(README.read_text()):
+        line = match.group(0).split("  #")[0].strip()  # an aligned comment after the command
+        if "..." not in line:  # `local --config NAME KEY=VALUE ...` shows a form, not a command
+            found.append(line)
+    return sorted(set(found))
+
+
+def variants(line: str) -> list[list[str]]:
+    """The command without its `[optional parts]`, and with each of them (the first choice of
+    an `a|b|c` alternative)."""
+    optional = re.findall(r"\[([^\]]+)\]", line)
+    bare = re.sub(r"\s*\[[^\]]+\]", "", line)
+    argv = shlex.split(bare)[2:]
+    out = [argv]
+    for part in optional:
+        out.append(argv + shlex.split(part.split("|")[0]))
+    return out
+
+
+def test_the_readme_shows_commands():
+    assert len(readme_commands()) >= 20
+
+
+@pytest.mark.parametrize("line", readme_commands())
+def test_readme_command_parses(line):
+    parser = build_parser()
+    for argv in variants(line):
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"README: `{line}` does not parse as {argv} (exit {e.code})")
+        assert callable(args.func)
