@@ -196,8 +196,9 @@ class Chain:
                 self.log(f"waiting on {entry['kind']} kernel {entry['ref']} version "
                          f"{entry['version']}, pushed at {entry['pushed_at']}")
                 self._wait(entry)
-            elif entry["outcome"] == "error":
-                raise ChainStopped(f"kernel {entry['ref']} version {entry['version']} failed "
+            elif entry["outcome"] in ("error", "foreign"):
+                what = "failed" if entry["outcome"] == "error" else "wrote another run's output"
+                raise ChainStopped(f"kernel {entry['ref']} version {entry['version']} {what} "
                                    "before; fix the cause and move the state file away to retry")
         while True:
             trains = self.state.of_kind("train")
