@@ -1,0 +1,103 @@
+"""What the planner assumes of each Kaggle GPU beyond `guie.kaggle.platform`'s machine shapes.
+
+Every number here is an ESTIMATE with its basis in `source`; nothing here was measured on the GPU
+it describes (no GPU was lent to this work). Throughput is an effective TFLOP/s for a ViT-H-14
+-like workload, derived from the published anchors in `guie.bench.estimates` (and field guide
+section 7), so that a model of F FLOPs per image runs at effective / F images per second. A
+committed GPU measurement (`bench/*.json` from `python -m guie.bench --gpu`) replaces these for
+the device it was taken on (`guie.plan.timing.bench_measurement`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guie.bench import estimates
+from guie.kaggle.platform import MachineShape
+
+GIB = 2**30
+# ViT-H-14 forward at 224 px (field guide section 7): the anchors' images/s become TFLOP/s.
+_VIT_H_FLOP = estimates.VIT_H_FORWARD_GFLOP * 1e9
+_T4_INFER_TFLOPS = estimates.T4_INFERENCE_IMG_S * _VIT_H_FLOP / 1e12
+# Training a ViT costs ~3x its forward FLOPs but the anchors run at inference / 4.5 images/s:
+# the effective training rate counts the 3x FLOPs at that image rate.
+_T4_TRAIN_TFLOPS = _T4_INFER_TFLOPS * 3 * estimates.TRAIN_VS_INFERENCE
+# Datasheet dense fp16 tensor-core peaks (NVIDIA T4 / L4 datasheets: 65 and 121 TFLOP/s).
+_L4_VS_T4 = 121 / 65
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    name: str
+    infer_tflops: float  # effective, ViT-like forward under autocast
+    train_tflops: float  # effective, per training FLOP (3x forward for a full backbone)
+    source: str
+    attention_backend: str  # what SDPA picks there for a ViT under the stage's AMP dtype
+    attention_note: str
+    context_gib: float  # CUDA context + cuBLAS workspace, outside PyTorch's allocator
+    context_note: str
+
+
+_CONTEXT_NOTE = ("estimate: CUDA 12 context with lazy module loading ~0.3-0.5 GiB as seen by "
+                 "nvidia-smi on Turing/Ada cards, plus cuBLAS's default workspace (4 MiB x 2 "
+                 "handles' streams; 32 MiB on Hopper)")
+_FUSED = ("memory-efficient SDPA (no attention matrix saved: output + logsumexp per head), the "
+          "same footprint as the fused CPU kernel the activations were measured with")
+
+GPUS = {
+    "T4": GpuFacts(
+        "T4", _T4_INFER_TFLOPS, _T4_TRAIN_TFLOPS,
+        f"estimate: one ViT-H-14 pass over {estimates.TEST_IMAGES:,} images in ~1.4 h on a T4 "
+        f"({estimates.T4_INFERENCE_IMG_S:.1f} img/s), training at 1/4.5 of it "
+        "(guie.bench.estimates)",
+        "memory-efficient",
+        "T4 (sm75) has no flash attention (PyTorch's flash kernel needs sm80+): " + _FUSED,
+        0.4, _CONTEXT_NOTE),
+    "P100": GpuFacts(
+        "P100", _T4_INFER_TFLOPS * estimates.P100_VS_T4, _T4_TRAIN_TFLOPS * estimates.P100_VS_T4,
+        f"estimate: {estimates.P100_VS_T4} x a T4 (guie.bench.estimates)", "memory-efficient",
+        "P100 (sm60) has no flash attention: " + _FUSED, 0.4, _CONTEXT_NOTE),
+    "L4": GpuFacts(
+        "L4", _T4_INFER_TFLOPS * _L4_VS_T4, _T4_TRAIN_TFLOPS * _L4_VS_T4,
+        "estimate: a T4's rate x 121/65 (datasheet dense fp16 tensor peaks; both are ~70 W "
+        "cards, so the T4's utilisation is assumed)", "flash",
+        "L4 (sm89): flash attention (no attention matrix saved), as measured on the CPU", 0.4,
+        _CONTEXT_NOTE),
+    "H100": GpuFacts(
+        "H100", 1100 * _VIT_H_FLOP / 1e12, 275 * 3 * _VIT_H_FLOP / 1e12,
+        "estimate: ~1,100 img/s ViT-H-14 inference and ~275 img/s full fine-tune on an H100 "
+        "(field guide section 7)", "flash",
+        "H100 (sm90): flash attention (no attention matrix saved), as measured on the CPU", 0.5,
+        _CONTEXT_NOTE),
+}
+
+# DDP (the kit's torchrun path on 2xT4) keeps its gradient buckets beside the .grad tensors
+# (DistributedDataParallel's default gradient_as_bucket_view=False): one more copy of every
+# trained gradient. Plus NCCL's buffers: 4 MiB NCCL_BUFFSIZE per channel and peer.
+DDP_NOTE = ("estimate: DistributedDataParallel's buckets hold a second copy of every trained "
+            "gradient (gradient_as_bucket_view=False, PyTorch's default and the kit's), plus "
+            "NCCL buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)")
+NCCL_GIB = 0.25
+# The caching allocator rounds every block up (512 B; 2 MiB segments, 20 MiB for large ones)
+# and fragments: PyTorch's reserved memory exceeds the allocated peak.
+ALLOCATOR_OVERHEAD = 0.08
+ALLOCATOR_NOTE = ("estimate: +8% of the allocated peak for the caching allocator's rounding "
+                  "(512 B blocks, 2/20 MiB segments) and fragmentation; reserved runs 5-15% over "
+                  "allocated in transformer training")
+# Time assumptions.
+STEP_FLOOR_S = estimates.STAGE1_STEP_S["T4"]  # launch-bound small steps (head stages)
+STEP_FLOOR_NOTE = (f"estimate: at least {STEP_FLOOR_S * 1e3:.0f} ms per step of a head-only "
+                   "stage (kernel launches and an AdamW update; guie.bench.estimates)")
+TWO_GPU_SCALING = estimates.TWO_GPU_SCALING
+
+
+def gpu_of(shape: MachineShape) -> GpuFacts | None:
+    """The facts for a machine shape's GPU (None for a TPU or a GPU the planner lacks)."""
+    for name, facts in GPUS.items():
+        if name in shape.accelerator.replace("Tesla ", ""):
+            return facts
+    return None
+
+
+def multi_gpu_speedup(gpus: int) -> float:
+    """Throughput of `gpus` GPUs under DDP against one (2xT4: 1.8, guie.bench.estimates)."""
+    return 1.0 if gpus <= 1 else TWO_GPU_SCALING * gpus / 2

@@ -1,0 +1,67 @@
+"""A plan as text (the table `submit.py plan` and `push --dry-run` print) and as JSON."""
+from __future__ import annotations
+
+from guie.plan.advice import shell_words
+from guie.plan.core import Plan
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"plan for `{plan.config}` on {plan.machine_shape} ({plan.accelerator}): "
+             f"{plan.num_classes:,} classes, {plan.train_images:,} training images per epoch "
+             f"({plan.train_images_source}); sessions of {plan.max_hours:g} h"]
+    for s in plan.stages:
+        verdict = "fits" if s.fits else "DOES NOT FIT"
+        lines.append(f"\n{s.name}: {verdict}: {s.gpu_memory_gib:.2f} of {s.gpu_memory_limit_gib:g}"
+                     f" GiB per GPU at batch {s.batch} (checkpointing "
+                     f"{'on' if s.checkpointing else 'off'}); largest batch that fits: "
+                     f"{s.max_batch}" + (f" ({s.max_batch_other_checkpointing} with checkpointing "
+                                         f"{'off' if s.checkpointing else 'on'})"
+                                         if s.max_batch_other_checkpointing else ""))
+        for t in s.terms:
+            lines.append(f"  {t.name:34s} {t.gib:7.2f} GiB  [{t.kind}] {t.basis}")
+        if s.activations_gib_other_checkpointing is not None:
+            lines.append(f"  {'activations, checkpointing ' + ('off' if s.checkpointing else 'on'):34s}"
+                         f" {s.activations_gib_other_checkpointing:7.2f} GiB  [measured] the same "
+                         "batch with the other setting")
+        lines.append(f"  time: {s.hours:.2f} h [estimate] ({s.time_basis}); {s.sessions} "
+                     f"session(s) of {plan.max_hours:g} h")
+        if s.fix:
+            lines.append(f"  fix: {shell_words(s.fix)}  ({s.fix_note})")
+        elif s.fix_note:
+            lines.append(f"  fix: {s.fix_note}")
+    lines.append("")
+    lines.append(f"training: {plan.training_hours:.1f} h in {plan.sessions} session(s) of "
+                 f"{plan.max_hours:g} h; with the inference kernel ({plan.inference_kernel_hours:.2f}"
+                 f" h) {plan.quota_share:.0%} of a ~30 h weekly GPU quota [estimate]")
+    lines.append(f"scoring run (the host embeds {205_000:,} test images with saved_model.pt, one "
+                 f"GPU): {plan.scoring_hours:.2f} h of the 9 h limit [estimate]")
+    lines.append(f"training output: {plan.output_gib:.2f} GiB at its peak, {plan.output_end_gib:.2f}"
+                 f" GiB at the end, against the {plan.output_limit_gib:.2f} GiB (20 GB) cap: "
+                 f"{'fits' if plan.output_gib <= plan.output_limit_gib else 'OVER THE CAP'} "
+                 f"[counted]; submission.zip {plan.submission_zip_gib:.2f} GiB [counted]")
+    lines.append(f"throughput: {plan.rate_source}")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan) -> dict:
+    return {
+        "config": plan.config, "machine_shape": plan.machine_shape,
+        "accelerator": plan.accelerator, "num_classes": plan.num_classes,
+        "train_images": plan.train_images, "max_hours": plan.max_hours,
+        "stages": [{"name": s.name, "fits": s.fits, "gpu_memory_gib": round(s.gpu_memory_gib, 3),
+                    "gpu_memory_limit_gib": s.gpu_memory_limit_gib, "max_batch": s.max_batch,
+                    "batch": s.batch, "checkpointing": s.checkpointing,
+                    "hours": round(s.hours, 3), "cache_pass_hours": round(s.cache_pass_hours, 3),
+                    "sessions": s.sessions, "fix": list(s.fix), "fix_note": s.fix_note,
+                    "terms": [{"name": t.name, "gib": round(t.gib, 4), "kind": t.kind,
+                               "basis": t.basis} for t in s.terms]}
+                   for s in plan.stages],
+        "sessions": plan.sessions, "training_hours": round(plan.training_hours, 3),
+        "inference_kernel_hours": round(plan.inference_kernel_hours, 3),
+        "output_gib": round(plan.output_gib, 3), "output_end_gib": round(plan.output_end_gib, 3),
+        "output_limit_gib": round(plan.output_limit_gib, 3),
+        "submission_zip_gib": round(plan.submission_zip_gib, 3),
+        "quota_share": round(plan.quota_share, 4), "scoring_hours": round(plan.scoring_hours, 3),
+        "throughput_source": plan.rate_source, "warnings": list(plan.warnings),
+    }
