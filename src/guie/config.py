@@ -40,6 +40,23 @@ class DataSource:
 
 
 @dataclass(frozen=True)
+class EvalSource:
+    """A retrieval benchmark scored beside the held-out split and never trained on (5th place
+    validated on GPR1200): its own classes, its own domains, outside the label space."""
+
+    name: str
+    # folders: one sub-folder per class; csv: a file of path,label[,domain] rows (paths relative
+    # to it); gpr1200: GPR1200's images/<class>_<name>.jpg, domains from its class ranges.
+    kind: Literal["folders", "csv", "gpr1200"]
+    location: str  # relative locations resolve against the data root
+    domain: str = ""  # every image's domain ("" = the source's name); gpr1200 and csv give their own
+    # 0: leave-one-out, every image queries all others (GPR1200's protocol); N: the first N
+    # images of each class (by path) query the rest.
+    queries_per_class: int = 0
+    kaggle_slug: str | None = None  # owner/slug: attached to the training kernel
+
+
+@dataclass(frozen=True)
 class DataConfig:
     sources: tuple[DataSource, ...] = ()
     root: str = "data"  # where relative source locations live (on Kaggle: /kaggle/input)
@@ -55,6 +72,7 @@ class DataConfig:
     distractor_classes: int = 0  # further unseen classes whose images only pad the index
     distractors_per_class: int = 2
     split_seed: int = 0
+    eval_sources: tuple[EvalSource, ...] = ()  # scored at every evaluation point, never trained on
     verify_crc: bool = True
     num_workers: int = 2
 

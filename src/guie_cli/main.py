@@ -24,7 +24,8 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMAND_MODULES = ("local", "kaggle_cmds", "kaggle_run", "data_cmds", "search")
+COMMAND_MODULES = ("local", "kaggle_cmds", "kaggle_run", "data_cmds", "search", "plan_cmd",
+                   "eval_cmd")
 USER_ERROR_STATUS = 2
 # The kit's own exception types that mean "the user can fix this", by module. Looked up only in
 # modules already imported, so that checking an error never imports `kaggle` (which prints its
