@@ -264,3 +264,18 @@ def test_recipe_weights_name_the_dataset_push_weights_creates(tmp_path):
     assert resolved.data.sources[0].location == str(
         tmp_path / "datasets" / "motono0223" / "guie-imagenet1k-mini1-tfrecords-label-0-999")
     assert weights_datasets(apply_overrides(cfg, overrides)) == [f"alice/{slug}"]
+
+
+def test_evaluation_sources_on_kaggle_are_attached_and_resolved(kaggle_cfg, tmp_path):
+    from guie.config import EvalSource
+
+    bench = EvalSource("gpr", "gpr1200", "gpr1200-benchmark", kaggle_slug="someone/gpr1200-benchmark")
+    cfg = replace(kaggle_cfg, data=replace(kaggle_cfg.data, eval_sources=(bench,)))
+    plans = plans_for(cfg)
+    assert "someone/gpr1200-benchmark" in plans["train"].metadata["dataset_sources"]
+    assert "someone/gpr1200-benchmark" not in plans["infer"].metadata["dataset_sources"]
+    for ref in ("dataset:someone/glr-mini-tfrecords", "dataset:someone/gpr1200-benchmark"):
+        mount_point(ref, tmp_path, "current").mkdir(parents=True)
+    resolved = resolve_config_inputs(cfg, str(tmp_path))
+    assert resolved.data.eval_sources[0].location == str(
+        tmp_path / "datasets" / "someone" / "gpr1200-benchmark")

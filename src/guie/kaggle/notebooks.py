@@ -63,21 +63,23 @@ def _source_location(location: str, slug: str) -> str:
 
 
 def resolve_config_inputs(cfg, input_root: str):
-    """The config with every Kaggle reference in it replaced by where it is mounted: data
-    sources by their kaggle_slug, `kaggle:OWNER/SLUG/FILE` weights, soup and concat runs."""
-    sources = []
-    for src in cfg.data.sources:
-        if src.kaggle_slug:
-            ref = InputRef("dataset", *src.kaggle_slug.split("/"))
-            folder = resolve_input(ref, input_root)
-            inner = _source_location(src.location, ref.slug)
-            src = replace(src, location=str(folder / inner) if inner not in ("", ".") else str(folder))
-        sources.append(src)
+    """The config with every Kaggle reference in it replaced by where it is mounted: data and
+    evaluation sources by their kaggle_slug, `kaggle:OWNER/SLUG/FILE` weights, soup and concat
+    runs."""
+    def located(src):
+        if not src.kaggle_slug:
+            return src
+        ref = InputRef("dataset", *src.kaggle_slug.split("/"))
+        folder = resolve_input(ref, input_root)
+        inner = _source_location(src.location, ref.slug)
+        return replace(src, location=str(folder / inner) if inner not in ("", ".") else str(folder))
+    data = replace(cfg.data, sources=tuple(map(located, cfg.data.sources)),
+                   eval_sources=tuple(map(located, cfg.data.eval_sources)))
     model = replace(cfg.model, pretrained_path=resolve_kaggle_path(cfg.model.pretrained_path, input_root))
     export = replace(cfg.export,
                      soup=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.soup),
                      concat=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.concat))
-    return replace(cfg, data=replace(cfg.data, sources=tuple(sources)), model=model, export=export)
+    return replace(cfg, data=data, model=model, export=export)
 
 
 def kernel_config(config_name: str, overrides: Sequence[str], data_root: str = "",
@@ -240,6 +242,7 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
     training kernel whose output the inference kernel reads (default: this plan's).
     """
     data_slugs = [s.kaggle_slug for s in cfg.data.sources if s.kaggle_slug]
+    eval_slugs = [s.kaggle_slug for s in cfg.data.eval_sources if s.kaggle_slug]
     titles = {"train": kernel_title("train", config_name, session),
               "infer": kernel_title("infer", config_name)}
     refs = {kind: f"{owner}/{slugify_title(title)}" for kind, title in titles.items()}
@@ -259,7 +262,7 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
     base_sources = [source_ref, wheels_ref, *weights_datasets(cfg), *extra_datasets]
     train_meta = kernel_metadata(
         refs["train"], titles["train"], "train.ipynb", enable_gpu=True,
-        enable_internet=train_internet, dataset_sources=[*base_sources, *data_slugs],
+        enable_internet=train_internet, dataset_sources=[*base_sources, *data_slugs, *eval_slugs],
         kernel_sources=[resume_kernel] if resume_kernel else [], machine_shape=machine_shape,
         is_private=private)
     # A reduction fitted at export time (PCA, whitening) reads training images there too.
