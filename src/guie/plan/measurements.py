@@ -2,8 +2,8 @@
 
 A measurement is keyed by backbone, input size, patch stride, AMP dtype, gradient checkpointing
 and attention kernel. It holds the peak activation bytes of a full-backbone training step at
-batch 1 and 2 (with autocast's weight copies apart), the peak of a no-grad forward at batch 1
-and 2 (the feature cache and the export), and the forward FLOPs per image.
+batches 2 and 4 (per op, with autocast's weight copies apart: `probe.envelope`), the peak of a
+no-grad forward at batches 2 and 4 (the feature cache and the export), and the forward FLOPs per image.
 
 Lookup order: the user's cache (`$GUIE_CACHE_DIR/plan/measurements.json`, default
 ~/.cache/guie), then the measurements shipped with the package (`measured.json`, for
@@ -23,7 +23,7 @@ import torch
 from guie.plan import probe
 
 SHIPPED = Path(__file__).with_name("measured.json")
-BATCHES = (1, 2)  # activations are linear in the batch: two points give the line
+BATCHES = (2, 4)  # two batches give the line per op (batch 1 runs a few other ops)
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class Key:
 @dataclass(frozen=True)
 class Measurement:
     key: Key
-    train_peak_bytes: tuple[int, ...]  # per batch in BATCHES, weight copies included
-    weight_copy_bytes: int  # autocast's low-precision weight copies at the peak (batch 1)
+    # (live bytes at BATCHES[0], at BATCHES[1], weight copies) of the ops that hold the training
+    # step's peak at some batch (probe.envelope); weight copies included in the live bytes
+    train_envelope: tuple[tuple[int, int, int], ...]
     infer_peak_bytes: tuple[int, ...]  # no-grad forward, per batch in BATCHES
     forward_flops_per_image: int
     params: int
@@ -52,17 +53,28 @@ class Measurement:
     attention_ops: tuple[str, ...]
     measured_on: str  # machine and date: these are measurements, say where they were taken
 
-    def activation_bytes(self, batch: float, block_share: float = 1.0) -> float:
-        """Training activations at `batch` (weight copies excluded), for a backbone whose top
-        `block_share` of blocks keep activations (identical blocks: the share of the line)."""
-        (b1, b2), (p1, p2) = BATCHES, self.train_peak_bytes
-        slope = (p2 - p1) / (b2 - b1)
-        base = p1 - slope * b1 - self.weight_copy_bytes
-        return max(0.0, base + slope * batch) * block_share
+    def train_peak(self, batch: float, block_share: float = 1.0) -> tuple[float, float]:
+        """(activations without the weight copies, weight copies) at the training step's peak
+        at `batch`, for a backbone whose top `block_share` of blocks keep activations
+        (identical blocks: that share of the full backbone's)."""
+        (b1, b2) = BATCHES
 
-    def per_image_activation_bytes(self) -> float:
-        (b1, b2), (p1, p2) = BATCHES, self.train_peak_bytes
-        return (p2 - p1) / (b2 - b1)
+        def live(p):
+            return p[0] + (p[1] - p[0]) * (batch - b1) / (b2 - b1)
+        top = max(self.train_envelope, key=live)
+        return max(0.0, live(top) - top[2]) * block_share, top[2] * block_share
+
+    def activation_bytes(self, batch: float, block_share: float = 1.0) -> float:
+        return self.train_peak(batch, block_share)[0]
+
+    @property
+    def weight_copy_bytes(self) -> int:
+        """Autocast's weight copies at the peak of the smaller measured batch."""
+        return int(self.train_peak(BATCHES[0])[1])
+
+    def per_image_activation_bytes(self, batch: float = 64) -> float:
+        """The slope at `batch` (bytes per extra image)."""
+        return sum(self.train_peak(batch + 1)) - sum(self.train_peak(batch))
 
     def inference_bytes(self, batch: float) -> float:
         (b1, b2), (p1, p2) = BATCHES, self.infer_peak_bytes
@@ -85,7 +97,8 @@ def _load(path: Path) -> dict:
 def _from_json(data: dict) -> Measurement:
     data = dict(data)
     key = Key(**data.pop("key"))
-    for name in ("train_peak_bytes", "infer_peak_bytes", "attention_ops"):
+    data["train_envelope"] = tuple(tuple(p) for p in data["train_envelope"])
+    for name in ("infer_peak_bytes", "attention_ops"):
         data[name] = tuple(data[name])
     return Measurement(key, **data)
 
@@ -144,13 +157,9 @@ def measure(key: Key) -> Measurement:
     visual, backbone = build_tower(key)
     side = key.image_size_px
     gen = torch.Generator().manual_seed(0)
-    train, copies, attention = [], 0, ()
-    for b in BATCHES:
-        images = torch.randn(b, 3, side, side, generator=gen)
-        step = probe.measure_step(visual, images, key.amp, key.attention)
-        train.append(step.peak_bytes)
-        copies = copies or step.weight_copy_bytes
-        attention = attention or step.attention_ops
+    steps = [probe.measure_step(visual, torch.randn(b, 3, side, side, generator=gen), key.amp,
+                                key.attention) for b in BATCHES]
+    train = probe.envelope(*steps, BATCHES)
     infer = []
     visual.eval()
     for b in BATCHES:
@@ -159,9 +168,9 @@ def measure(key: Key) -> Measurement:
     with torch.device("meta"):
         meta_visual, _ = build_tower(key)
     flops = probe.forward_flops(meta_visual, (1, 3, side, side))
-    return Measurement(key, tuple(train), copies, tuple(infer), flops,
+    return Measurement(key, train, tuple(infer), flops,
                        sum(p.numel() for p in visual.parameters()), backbone.num_blocks,
-                       attention, _machine())
+                       steps[0].attention_ops, _machine())
 
 
 def _inference_peak(visual: torch.nn.Module, images: torch.Tensor, amp: str) -> int:

@@ -68,8 +68,7 @@ def training_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> li
         terms.append(MemoryTerm("DDP gradient buckets", trained / GIB + gpus.NCCL_GIB,
                                 "estimate", gpus.DDP_NOTE))
     if s.backbone is not None:
-        act = s.backbone.activation_bytes(batch, s.block_share)
-        copies = s.backbone.weight_copy_bytes * s.block_share
+        act, copies = s.backbone.train_peak(batch, s.block_share)
         terms.append(MemoryTerm(
             "activations", act / GIB, "measured",
             f"batch {batch}, {s.amp} autocast, checkpointing {'on' if s.checkpointing else 'off'}"

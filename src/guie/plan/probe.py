@@ -38,6 +38,7 @@ class ActivationTracker(TorchDispatchMode):
         self.live_bytes = self.copy_bytes = 0
         self.peak_bytes = self.copy_bytes_at_peak = 0
         self.ops: set[str] = set()
+        self.timeline: list[tuple[int, int]] = []  # (live, of which weight copies) after each op
 
     def _freed(self, ptr: int, _ref) -> None:
         nbytes, is_copy = self._live.pop(ptr, (0, False))
@@ -63,6 +64,7 @@ class ActivationTracker(TorchDispatchMode):
             self._refs.append(weakref.ref(storage, lambda ref, ptr=ptr: self._freed(ptr, ref)))
             self.live_bytes += nbytes
             self.copy_bytes += nbytes if is_copy else 0
+        self.timeline.append((self.live_bytes, self.copy_bytes))
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes, self.copy_bytes_at_peak = self.live_bytes, self.copy_bytes
         return out
@@ -100,6 +102,7 @@ class StepMemory:
     peak_bytes: int  # live bytes at the step's peak, weight copies included
     weight_copy_bytes: int  # of which autocast's low-precision weight copies
     attention_ops: tuple[str, ...]  # which SDPA kernel ran (what "fused" meant here)
+    timeline: tuple[tuple[int, int], ...]  # (live, weight copies) after every op
 
 
 def measure_step(module: torch.nn.Module, images: torch.Tensor, amp: str,
@@ -118,7 +121,30 @@ def measure_step(module: torch.nn.Module, images: torch.Tensor, amp: str,
         for h in hooks:
             h.remove()
     attn = tuple(sorted(op for op in tracker.ops if "attention" in op))
-    return StepMemory(tracker.peak_bytes, tracker.copy_bytes_at_peak, attn)
+    return StepMemory(tracker.peak_bytes, tracker.copy_bytes_at_peak, attn,
+                      tuple(tracker.timeline))
+
+
+def envelope(low: StepMemory, high: StepMemory, batches: tuple[int, int]
+             ) -> tuple[tuple[int, int, int], ...]:
+    """The ops that can hold a step's peak at some batch, as (live at the smaller batch,
+    live at the larger, weight copies) lines.
+
+    The same ops run at every batch, so after op t the live bytes are a line in the batch,
+    C_t + b * A_t, and the step's peak at batch b is the largest of these lines. The largest
+    line at small batches is not the largest at large ones: under checkpointing the end of the
+    forward (every weight copy, only block inputs) peaks at small batches, one block's recomputed
+    backward (its full activations) at batch 32. Extrapolating the two peaks would miss that."""
+    (b1, b2) = batches
+    if len(low.timeline) != len(high.timeline):  # not the same op sequence: the peaks' line
+        points = [(low.peak_bytes, high.peak_bytes, low.weight_copy_bytes)]
+    else:
+        points = [(l1, l2, c1) for (l1, c1), (l2, _) in zip(low.timeline, high.timeline)]
+
+    def at(p, b):
+        return p[0] + (p[1] - p[0]) * (b - b1) / (b2 - b1)
+    keep = {max(points, key=lambda p: at(p, 2.0 ** e)) for e in range(0, 17)}
+    return tuple(sorted(keep))
 
 
 def forward_flops(module: torch.nn.Module, image_shape: tuple[int, ...]) -> int:

@@ -1,0 +1,97 @@
+"""plan_run: verdicts, the override that makes a stage fit, time, sessions and speed."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import pytest
+
+from guie.config import apply_overrides
+from guie.configs import get_config
+from guie.kaggle.platform import MACHINE_SHAPES, PlatformError
+from guie.plan import memory, plan_run
+from guie.plan.core import plan_stage
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoke"])
+def test_plan_of_the_tiny_configs_answers_within_a_minute(name):
+    started = time.monotonic()
+    plan = plan_run(get_config(name), "NvidiaTeslaT4")
+    assert time.monotonic() - started < 60
+    assert plan.fits and [s.name for s in plan.stages] == ["stage1", "stage2"]
+    assert all(s.max_batch >= s.batch for s in plan.stages)
+    assert 0 < plan.quota_share < 0.05 and plan.sessions == 1
+    assert plan.output_gib < plan.output_limit_gib
+
+
+def test_a_batch_that_cannot_fit_is_reported_and_checkpointing_makes_it_fit():
+    cfg = apply_overrides(get_config("tiny"), ["stage2.batch_size=32768"])
+    stage2 = next(s for s in plan_run(cfg, "NvidiaTeslaT4").stages if s.name == "stage2")
+    assert not stage2.fits and stage2.gpu_memory_gib > stage2.gpu_memory_limit_gib
+    assert stage2.max_batch < 32768
+    assert stage2.fix == ("model.grad_checkpointing=true",)
+    fixed = plan_run(apply_overrides(cfg, list(stage2.fix)), "NvidiaTeslaT4")
+    assert all(s.fits for s in fixed.stages)
+
+
+def test_with_checkpointing_on_the_fix_is_a_smaller_batch_with_accumulation():
+    cfg = apply_overrides(get_config("tiny"), ["model.grad_checkpointing=true",
+                                               "stage2.batch_size=262144"])
+    stage2 = next(s for s in plan_run(cfg, "NvidiaL4").stages if s.name == "stage2")
+    assert not stage2.fits
+    batch, accum = stage2.fix
+    assert batch.startswith("stage2.batch_size=") and accum.startswith("stage2.grad_accum=")
+    size, steps = int(batch.split("=")[1]), int(accum.split("=")[1])
+    assert size * steps == 262144 and size <= stage2.max_batch  # the same effective batch
+    fixed = apply_overrides(cfg, list(stage2.fix))
+    assert plan_stage(fixed, fixed.stage("stage2"), MACHINE_SHAPES["NvidiaL4"], 600, 0,
+                      11.0).fits
+
+
+def test_max_batch_is_the_largest_that_fits():
+    cfg = get_config("tiny")
+    shape = MACHINE_SHAPES["NvidiaTeslaT4"]
+    sp = plan_stage(cfg, cfg.stage("stage2"), shape, 600, 0, 11.0)
+    at = {b: plan_stage(apply_overrides(cfg, [f"stage2.batch_size={b}"]),
+                        apply_overrides(cfg, [f"stage2.batch_size={b}"]).stage("stage2"),
+                        shape, 600, 0, 11.0) for b in (sp.max_batch, sp.max_batch + 1)}
+    assert at[sp.max_batch].fits and not at[sp.max_batch + 1].fits
+
+
+def test_memory_terms_say_what_they_are():
+    cfg = get_config("tiny")
+    sp = plan_stage(cfg, cfg.stage("stage2"), MACHINE_SHAPES["NvidiaTeslaT4"], 600, 0, 11.0)
+    kinds = {t.name: t.kind for t in sp.terms}
+    assert kinds["weights"] == kinds["gradients"] == kinds["optimizer state"] == "counted"
+    assert kinds["activations"] == kinds["autocast weight copies"] == "measured"
+    assert kinds["DDP gradient buckets"] == "estimate"  # 2xT4 trains stage 2 under DDP
+    assert kinds["CUDA context + cuBLAS workspace"] == kinds["allocator rounding"] == "estimate"
+    assert sp.gpu_memory_gib == pytest.approx(sum(t.gib for t in sp.terms), rel=0.05)
+    single = plan_stage(cfg, cfg.stage("stage2"), MACHINE_SHAPES["NvidiaL4"], 600, 0, 11.0)
+    assert "DDP gradient buckets" not in {t.name for t in single.terms}
+
+
+def test_hours_follow_images_epochs_and_sessions():
+    cfg = get_config("tiny")
+    shape = MACHINE_SHAPES["NvidiaTeslaT4"]
+    one = plan_stage(cfg, cfg.stage("stage2"), shape, 600, 10**6, 11.0)
+    two = plan_stage(cfg, cfg.stage("stage2"), shape, 600, 2 * 10**6, 11.0)
+    assert two.hours == pytest.approx(2 * one.hours, rel=1e-6)
+    assert one.sessions == math.ceil(one.hours / 11.0)
+
+
+def test_unknown_classes_and_tpus_are_errors():
+    tiny = get_config("tiny")
+    no_classes = replace(tiny, num_classes=0, data=replace(tiny.data, sample_instances=0))
+    with pytest.raises(ValueError, match="num_classes=N"):
+        plan_run(no_classes, "NvidiaTeslaT4")
+    with pytest.raises(PlatformError, match="TPU|no GPU"):
+        plan_run(get_config("tiny"), "TpuV5E8")
+
+
+def test_head_measurement_grows_with_the_classes():
+    cfg = get_config("tiny")
+    small = memory.measure_head(cfg, 64, 1000, "fp16", False)
+    large = memory.measure_head(cfg, 64, 8000, "fp16", False)
+    assert large.peak_bytes[1] > 4 * small.peak_bytes[1]
