@@ -22,7 +22,8 @@ COMMAND = re.compile(r"python submit\.py [^`\n]*")
 
 def readme_commands() -> list[str]:
     found = []
-    for match in COMMAND.finditer(README.read_text()):
+    text = re.sub(r"\\\n\s*", " ", README.read_text())  # a command continued with a backslash
+    for match in COMMAND.finditer(text):
         line = match.group(0).split("  #")[0].strip()  # an aligned comment after the command
         if "..." not in line:  # `local --config NAME KEY=VALUE ...` shows a form, not a command
             found.append(line)
