@@ -232,55 +232,48 @@ class KaggleClient:
             self._sleep(poll_s)
             poll_s = min(poll_s * 1.5, max_poll_s)
 
-    def download_kernel_output(self, ref: str, dest: Path,
-                               only: Sequence[str] | None = None) -> KernelOutput:
-        """ListKernelSessionOutput, then GET every file url (or those named in `only`: a
-        training output's checkpoints are gigabytes); writes the log as <slug>.log.
-
-        Done here rather than with `kernels_output`, which writes an error page to disk as if it
-        were the file when a url answers 4xx/5xx.
-        """
+    def _output_pages(self, ref: str):
+        """ListKernelSessionOutput, page by page (each answer has files and the log)."""
         from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
 
         owner, slug = ref.split("/")[:2]
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        files, log_raw, token = [], "", ""
+        token = ""
         while True:
             request = ApiListKernelSessionOutputRequest()
             request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
             request.page_token = token or None
             answer = self.read(f"list output of kernel {ref}", lambda: self._sdk_call(
                 lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
+            yield answer
+            token = answer.next_page_token
+            if not token:
+                return
+
+    def download_kernel_output(self, ref: str, dest: Path,
+                               only: Sequence[str] | None = None) -> KernelOutput:
+        """GET every file url of the kernel's output (or those named in `only`: a training
+        output's checkpoints are gigabytes); writes the log as <slug>.log.
+
+        Done here rather than with `kernels_output`, which writes an error page to disk as if it
+        were the file when a url answers 4xx/5xx.
+        """
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        files, log_raw = [], ""
+        for answer in self._output_pages(ref):
             log_raw = log_raw or (answer.log or "")
             for item in answer.files or []:
                 if only is None or item.file_name in only:
                     files.append(self._download(item.url, dest, item.file_name, f"output of {ref}"))
-            token = answer.next_page_token
-            if not token:
-                break
         log_path = None
         if log_raw:
-            log_path = dest / f"{slug}.log"
+            log_path = dest / f"{ref.split('/')[1]}.log"
             log_path.write_text(log_raw)
         return KernelOutput(tuple(files), log_path, render_log(log_raw))
 
     def kernel_output_names(self, ref: str) -> list[str]:
         """The file names of the kernel's latest output (nothing downloaded)."""
-        from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
-
-        owner, slug = ref.split("/")[:2]
-        names, token = [], ""
-        while True:
-            request = ApiListKernelSessionOutputRequest()
-            request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
-            request.page_token = token or None
-            answer = self.read(f"list output of kernel {ref}", lambda: self._sdk_call(
-                lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
-            names += [item.file_name for item in answer.files or []]
-            token = answer.next_page_token
-            if not token:
-                return names
+        return [item.file_name for answer in self._output_pages(ref) for item in answer.files or []]
 
     def _sdk_call(self, fn: Callable[[Any], T]) -> T:
         with self.api.build_kaggle_client() as kaggle:
