@@ -37,6 +37,7 @@ class StagePlan:
     cache_pass_hours: float
     sessions: int
     time_basis: str
+    attention: str = ""  # the SDPA kernel the GPU will run, and what it means for memory
     fix: tuple[str, ...] = ()  # KEY=VALUE overrides that make it fit
     fix_note: str = ""
     warnings: tuple[str, ...] = ()
@@ -172,7 +173,7 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
     return StagePlan(stage.name, peak <= limit, peak, limit, best, best_other, stage.batch_size,
                      ckpt, tuple(terms + extra), other_act, st.hours, st.cache_pass_hours,
                      timing.sessions_needed([st.hours], max_hours), st.basis,
-                     warnings=tuple(warnings))
+                     attention=gpu.attention_note, warnings=tuple(warnings))
 
 
 def _head_in(model) -> int:

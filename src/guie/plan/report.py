@@ -23,6 +23,8 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  {'activations, checkpointing ' + ('off' if s.checkpointing else 'on'):34s}"
                          f" {s.activations_gib_other_checkpointing:7.2f} GiB  [measured] the same "
                          "batch with the other setting")
+        if s.attention:
+            lines.append(f"  attention: {s.attention} [estimate]")
         lines.append(f"  time: {s.hours:.2f} h [estimate] ({s.time_basis}); {s.sessions} "
                      f"session(s) of {plan.max_hours:g} h")
         if s.fix:
@@ -53,7 +55,8 @@ def plan_json(plan: Plan) -> dict:
                     "gpu_memory_limit_gib": s.gpu_memory_limit_gib, "max_batch": s.max_batch,
                     "batch": s.batch, "checkpointing": s.checkpointing,
                     "hours": round(s.hours, 3), "cache_pass_hours": round(s.cache_pass_hours, 3),
-                    "sessions": s.sessions, "fix": list(s.fix), "fix_note": s.fix_note,
+                    "sessions": s.sessions, "attention": s.attention,
+                    "fix": list(s.fix), "fix_note": s.fix_note,
                     "terms": [{"name": t.name, "gib": round(t.gib, 4), "kind": t.kind,
                                "basis": t.basis} for t in s.terms]}
                    for s in plan.stages],
