@@ -28,12 +28,17 @@ class KernelBuild:
 
 def build_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: str,
                   workdir: str | Path, secrets: Sequence[str],
-                  kinds: Sequence[str] = ("train", "infer"), **plan_options) -> KernelBuild:
-    """<workdir>/datasets/<source slug> and <workdir>/kernels/<kernel slug>, secrets refused."""
+                  kinds: Sequence[str] = ("train", "infer"),
+                  source: packaging.PackedDataset | None = None, **plan_options) -> KernelBuild:
+    """<workdir>/datasets/<source slug> and <workdir>/kernels/<kernel slug>, secrets refused.
+
+    source: a source dataset packed before (a chain's later sessions run the source it uploaded
+    at its start, whatever the working tree holds by then)."""
     workdir = Path(workdir)
-    source_slug = packaging.dataset_metadata(SOURCE_TEMPLATE, owner)["id"].split("/")[1]
-    source = packaging.pack_source(PACKAGE_DIR, workdir / "datasets" / source_slug,
-                                   SOURCE_TEMPLATE, owner, secrets)
+    if source is None:
+        source_slug = packaging.dataset_metadata(SOURCE_TEMPLATE, owner)["id"].split("/")[1]
+        source = packaging.pack_source(PACKAGE_DIR, workdir / "datasets" / source_slug,
+                                       SOURCE_TEMPLATE, owner, secrets)
     wheels_ref = packaging.dataset_metadata(WHEELS_TEMPLATE, owner)["id"]
     plans = plan_kernels(cfg, config_name, overrides, owner, source_ref=source.ref,
                          wheels_ref=wheels_ref, source_hash=source.content_hash, **plan_options)

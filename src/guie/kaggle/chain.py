@@ -105,14 +105,17 @@ class Chain:
         self.client, self.cfg, self.s, self.log = client, cfg, settings, log
         self.download = download
         self.state = ChainState(Path(settings.workdir) / f"run-{settings.config_name}.json")
+        self._source = None  # the source dataset as packed and uploaded by this process
 
     # -- building and pushing ------------------------------------------------------------------
 
     def _build(self, kinds: Sequence[str], session: int = 1, **options):
-        return build_kernels(self.cfg, self.s.config_name, list(self.s.overrides), self.s.owner,
-                             self.s.workdir, self.s.secrets, kinds=kinds,
-                             max_hours=self.s.max_hours, machine_shape=self.s.machine_shape,
-                             session=session, **self.s.plan_options, **options)
+        build = build_kernels(self.cfg, self.s.config_name, list(self.s.overrides), self.s.owner,
+                              self.s.workdir, self.s.secrets, kinds=kinds, source=self._source,
+                              max_hours=self.s.max_hours, machine_shape=self.s.machine_shape,
+                              session=session, **self.s.plan_options, **options)
+        self._source = build.source  # packed once: every session runs what the chain uploaded
+        return build
 
     def _push(self, kind: str, folder: Path, **record) -> dict:
         result = self.client.push_kernel(folder)
