@@ -95,3 +95,21 @@ def test_head_measurement_grows_with_the_classes():
     small = memory.measure_head(cfg, 64, 1000, "fp16", False)
     large = memory.measure_head(cfg, 64, 8000, "fp16", False)
     assert large.peak_bytes[1] > 4 * small.peak_bytes[1]
+
+
+@pytest.mark.slow
+def test_third_place_on_2xt4_from_the_shipped_vit_h_measurement():
+    """Answers within a minute from the committed measurement (nothing measured), reports the
+    full-backbone stage as not fitting a T4's 15 GiB, and its suggested override fits."""
+    cfg = get_config("third_place")
+    started = time.monotonic()
+    plan = plan_run(cfg, "NvidiaTeslaT4", measure_missing=False)
+    assert time.monotonic() - started < 60
+    stage1, stage2 = plan.stages
+    assert stage1.fits and stage1.cache_pass_hours > 0
+    assert not stage2.fits and stage2.fix
+    fixed = apply_overrides(cfg, list(stage2.fix))
+    assert plan_stage(fixed, fixed.stage("stage2"), MACHINE_SHAPES["NvidiaTeslaT4"],
+                      cfg.num_classes, plan.train_images, 11.0, measure_missing=False).fits
+    assert plan.sessions >= 2 and 0 < plan.quota_share < 1.5
+    assert plan.output_gib < plan.output_limit_gib

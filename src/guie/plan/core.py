@@ -214,7 +214,8 @@ def plan_run(cfg: ExperimentConfig, machine_shape: str = "NvidiaTeslaT4", num_cl
     export_key = measurements.Key(cfg.model.backbone,
                                   (last.image_size_px if last else 0) or cfg.preprocess.image_size,
                                   last.patch_stride_px if last else 0,
-                                  "bf16" if shape.bf16 else "fp16", False)
+                                  "bf16" if shape.bf16 else "fp16",
+                                  cfg.model.grad_checkpointing)  # FLOPs: either is the same
     forward = measurements.get(export_key, measure_missing).forward_flops_per_image
     views = (2 if "flip" in cfg.export.tta else 1) * (3 if "aspect_crops" in cfg.export.tta else 1)
     scoring = timing.scoring_hours(forward, views, rate)

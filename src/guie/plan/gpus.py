@@ -37,7 +37,7 @@ class GpuFacts:
     context_note: str
 
 
-_CONTEXT_NOTE = ("estimate: CUDA 12 context with lazy module loading ~0.3-0.5 GiB as seen by "
+_CONTEXT_NOTE = ("CUDA 12 context with lazy module loading ~0.3-0.5 GiB as seen by "
                  "nvidia-smi on Turing/Ada cards, plus cuBLAS's default workspace (4 MiB x 2 "
                  "handles' streams; 32 MiB on Hopper)")
 _FUSED = ("memory-efficient SDPA (no attention matrix saved: output + logsumexp per head), the "
@@ -73,19 +73,19 @@ GPUS = {
 # DDP (the kit's torchrun path on 2xT4) keeps its gradient buckets beside the .grad tensors
 # (DistributedDataParallel's default gradient_as_bucket_view=False): one more copy of every
 # trained gradient. Plus NCCL's buffers: 4 MiB NCCL_BUFFSIZE per channel and peer.
-DDP_NOTE = ("estimate: DistributedDataParallel's buckets hold a second copy of every trained "
+DDP_NOTE = ("DistributedDataParallel's buckets hold a second copy of every trained "
             "gradient (gradient_as_bucket_view=False, PyTorch's default and the kit's), plus "
             "NCCL buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)")
 NCCL_GIB = 0.25
 # The caching allocator rounds every block up (512 B; 2 MiB segments, 20 MiB for large ones)
 # and fragments: PyTorch's reserved memory exceeds the allocated peak.
 ALLOCATOR_OVERHEAD = 0.08
-ALLOCATOR_NOTE = ("estimate: +8% of the allocated peak for the caching allocator's rounding "
+ALLOCATOR_NOTE = ("+8% of the allocated peak for the caching allocator's rounding "
                   "(512 B blocks, 2/20 MiB segments) and fragmentation; reserved runs 5-15% over "
                   "allocated in transformer training")
 # Time assumptions.
 STEP_FLOOR_S = estimates.STAGE1_STEP_S["T4"]  # launch-bound small steps (head stages)
-STEP_FLOOR_NOTE = (f"estimate: at least {STEP_FLOOR_S * 1e3:.0f} ms per step of a head-only "
+STEP_FLOOR_NOTE = (f"assumed: at least {STEP_FLOOR_S * 1e3:.0f} ms per step of a head-only "
                    "stage (kernel launches and an AdamW update; guie.bench.estimates)")
 TWO_GPU_SCALING = estimates.TWO_GPU_SCALING
 
