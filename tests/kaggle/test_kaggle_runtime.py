@@ -122,6 +122,26 @@ def _mount_datasets(server, input_root: Path, layout: str, archives: str) -> Non
         mount_uploaded(server.datasets[ref].versions[-1], ref, input_root, layout, archives)
 
 
+def test_probe_kernel_records_the_stand_in(kaggle_image, tmp_path):
+    """The probe notebook, built as `submit.py probe` builds it, run in the stand-in (first:
+    the training kernel below installs open_clip into the shared stand-in)."""
+    from guie.kaggle.notebooks import plan_probe, write_kernel
+
+    folder = write_kernel(plan_probe(USERNAME), tmp_path / "kernels")
+    inputs = tmp_path / "input"
+    mount_uploaded({"x.txt": b"x"}, SRC, inputs, "current", "unpacked")
+    out = tmp_path / "working"
+    out.mkdir()
+    _execute(kaggle_image, folder / "probe.ipynb", tmp_path / "probe-run.ipynb", tmp_path,
+             input_root=inputs, out_dir=out)
+    record = json.loads((out / "guie-platform.json").read_text())
+    assert record["layout"] == "current" and record["listing"]["datasets"] == [USERNAME]
+    assert record["executable"] == str(kaggle_image)  # the kernel ran in the stand-in
+    assert record["importable"]["open_clip"] is False and record["importable"]["torch"] is True
+    assert record["packages"]["ftfy"] is None and record["packages"]["timm"]
+    assert record["gpu"]["available"] is False
+
+
 def test_pushed_kernels_train_and_export_on_a_kaggle_like_runtime(kaggle_image, pushed, tmp_path):
     server, notebooks = pushed
     wheels = server.datasets[WHEELS].versions[-1]
@@ -172,22 +192,3 @@ def test_pushed_kernels_train_and_export_on_a_kaggle_like_runtime(kaggle_image, 
     done = subprocess.run([str(kaggle_image), "-c", host], capture_output=True, text=True,
                           cwd=tmp_path / "host", env=_clean_env(tmp_path))
     assert done.returncode == 0 and "contract ok" in done.stdout, done.stderr
-
-
-def test_probe_kernel_records_the_stand_in(kaggle_image, tmp_path):
-    """The probe notebook, built as `submit.py probe` builds it, run in the stand-in."""
-    from guie.kaggle.notebooks import plan_probe, write_kernel
-
-    folder = write_kernel(plan_probe(USERNAME), tmp_path / "kernels")
-    inputs = tmp_path / "input"
-    mount_uploaded({"x.txt": b"x"}, SRC, inputs, "current", "unpacked")
-    out = tmp_path / "working"
-    out.mkdir()
-    _execute(kaggle_image, folder / "probe.ipynb", tmp_path / "probe-run.ipynb", tmp_path,
-             input_root=inputs, out_dir=out)
-    record = json.loads((out / "guie-platform.json").read_text())
-    assert record["layout"] == "current" and record["listing"]["datasets"] == [USERNAME]
-    assert record["executable"] == str(kaggle_image)  # the kernel ran in the stand-in
-    assert record["importable"]["open_clip"] is False and record["importable"]["torch"] is True
-    assert record["packages"]["ftfy"] is None and record["packages"]["timm"]
-    assert record["gpu"]["available"] is False
