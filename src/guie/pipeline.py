@@ -54,6 +54,18 @@ def load_experiment_split(cfg: DataConfig) -> tuple[Split, list[str] | None]:
     return load_split(cfg), None
 
 
+def eval_source_rows(cfg: DataConfig, train: pd.DataFrame) -> tuple:
+    """(name, rows, duplicates dropped) of each evaluation source, minus any image whose bytes
+    are also in the training rows: never trained on, never in the label space."""
+    from guie.data.eval_sources import drop_training_duplicates, load_eval_source
+
+    sources = []
+    for src in cfg.eval_sources:
+        rows, dropped = drop_training_duplicates(load_eval_source(src, cfg.root), train)
+        sources.append((src.name, rows, dropped))
+    return tuple(sources)
+
+
 def num_classes_of(cfg: ExperimentConfig, split: Split) -> int:
     top = int(split.train["label"].max()) + 1
     if cfg.num_classes and top > cfg.num_classes:
@@ -73,10 +85,11 @@ def prepare(cfg: ExperimentConfig) -> Session:
         loss_fn.set_class_margins(class_margins_from_counts(
             counts, cfg.loss.class_margin_min_rad, cfg.loss.class_margin_max_rad))
     evaluator = None
-    if len(split.query):
+    sources = eval_source_rows(cfg.data, split.train)
+    if len(split.query) or sources:
         batch_size = cfg.stages[0].batch_size if cfg.stages else 64
         evaluator = Evaluator(split.query, split.index, preprocess, batch_size,
-                              cfg.data.num_workers, device)
+                              cfg.data.num_workers, device, sources)
     return Session(cfg, split, model.to(device), preprocess, loss_fn, evaluator, device,
                    heldout_photos)
 
@@ -105,9 +118,11 @@ def run_training(session: Session, out_dir: Path, resume: bool = True,
             report["status"] = "paused"
             report["paused_in"] = stage.name
             break
-        if outcome.metrics:
+        if "map5" in outcome.metrics:
             report[f"map5_{stage.name}"] = outcome.metrics["map5"]
             report[f"map5_{stage.name}_per_domain"] = outcome.metrics.get("map5_per_domain", {})
+        if "sources" in outcome.metrics:  # the evaluation sources, per domain
+            report[f"eval_{stage.name}"] = outcome.metrics["sources"]
         report[f"checkpoint_{stage.name}"] = str(outcome.checkpoint)
     write_curves(out_dir)
     return report
@@ -312,7 +327,8 @@ def score_untrained(session: Session) -> dict:
         data["heldout_photos"] = session.heldout_photos
     report = {"experiment": session.cfg.name, "data": data,
               "map5_untrained": untrained["map5"],
-              "map5_untrained_per_domain": untrained["map5_per_domain"]}
+              "map5_untrained_per_domain": untrained["map5_per_domain"],
+              **({"eval_untrained": untrained["sources"]} if "sources" in untrained else {})}
     report.update(score_pca(session))
     return report
 

@@ -1,4 +1,5 @@
-"""Training curves as a PNG: loss per stage and held-out mP@5 against epochs."""
+"""Training curves as a PNG: loss per stage, and held-out and evaluation-source mP@5 against
+epochs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,16 @@ def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
         if "map5" in rows:
             scores = rows[["map5"]].assign(epoch=epochs).dropna()
             ax_map.plot(scores["epoch"], scores["map5"], marker="o", label=str(stage))
+        # The evaluation sources (`map5_<source>`), dashed beside the held-out figure.
+        for column in (c for c in rows.columns if c.startswith("map5_")):
+            scores = rows[[column]].assign(epoch=epochs).dropna()
+            if len(scores):
+                ax_map.plot(scores["epoch"], scores[column], marker="s", linestyle="--",
+                            label=f"{stage} {column[len('map5_'):]}")
         offset = float(epochs.max())
     ax_loss.set(xlabel="epoch (stages end to end)", ylabel="ArcFace loss", title="Training loss")
-    ax_map.set(xlabel="epoch (stages end to end)", ylabel="mP@5", title="Held-out mP@5")
+    ax_map.set(xlabel="epoch (stages end to end)", ylabel="mP@5",
+               title="mP@5: held-out (solid), evaluation sources (dashed)")
     for ax in (ax_loss, ax_map):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a stage may have no evaluations

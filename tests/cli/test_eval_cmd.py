@@ -35,9 +35,9 @@ def test_eval_scores_each_source_per_domain_like_the_metric(tmp_path, capsys):
     torch.jit.script(PooledColours()).save(str(model))
     with zipfile.ZipFile(tmp_path / "submission.zip", "w") as z:
         z.write(model, "saved_model.pt")
-    build_gpr1200(tmp_path / "GPR1200", {0: "astronaut", 1: "coffee", 200: "chelsea",
-                                         201: "rocket", 1000: "retina"})
-    build_folders(tmp_path / "mine", ["colorwheel", "hubble_deep_field", "coffee"])
+    build_gpr1200(tmp_path / "GPR1200", {0: "clock", 1: "horse", 200: "cell",
+                                         201: "checkerboard", 1000: "lfw:3"})
+    build_folders(tmp_path / "mine", ["colorwheel", "microaneurysms", "horse"])
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tmp_path / "submission.zip"), "--source",
                  f"gpr1200:{tmp_path / 'GPR1200'}", "--source", f"folders:{tmp_path / 'mine'}:memes",

@@ -77,6 +77,8 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
         metrics = load_checkpoint(out / stage.name / "final.pt")["metrics"]
         report[f"map5_{stage.name}"] = metrics["map5"]
         report[f"map5_{stage.name}_per_domain"] = metrics["map5_per_domain"]
+        if "sources" in metrics:  # the evaluation sources, per domain
+            report[f"eval_{stage.name}"] = metrics["sources"]
     report.update(score_export(session, out), status="done")
     write_curves(out)
     return write_report(out, report)

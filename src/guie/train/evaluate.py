@@ -1,10 +1,12 @@
-"""Held-out evaluation: queries of unseen classes against an index with distractors, mP@5."""
+"""Held-out evaluation: queries of unseen classes against an index with distractors, mP@5; and
+the evaluation sources (`data.eval_sources`: GPR1200, your folders), each per domain."""
 from __future__ import annotations
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from guie.benchmark import score_source
 from guie.data.augment import EvalTransform
 from guie.data.dataset import ImageDataset
 from guie.data.preprocess import Preprocess
@@ -13,17 +15,29 @@ from guie.model import EmbeddingModel
 from guie.train.features import compute_features
 
 
+def evaluation_row(result: dict) -> dict:
+    """The figures of one evaluation as history columns: `map5` (held-out) and `map5_<source>`."""
+    row = {"map5": result["map5"]} if "map5" in result else {}
+    row.update({f"map5_{name}": s["map5"] for name, s in result.get("sources", {}).items()})
+    return row
+
+
 class Evaluator:
     def __init__(self, query: pd.DataFrame, index: pd.DataFrame, preprocess: Preprocess,
-                 batch_size: int, num_workers: int, device: torch.device):
+                 batch_size: int, num_workers: int, device: torch.device,
+                 sources: tuple[tuple[str, pd.DataFrame, int], ...] = ()):
+        """sources: (name, rows, duplicates dropped) of each evaluation source."""
         self.query, self.index = query.reset_index(drop=True), index.reset_index(drop=True)
+        self.sources = sources
         self.transform = EvalTransform(preprocess)
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         self._frozen_features = None
+        self._frozen_source_features: dict[str, tuple] = {}
 
     def forget_features(self) -> None:
         """Drop the cached frozen-backbone features (the backbone or its input size changed)."""
         self._frozen_features = None
+        self._frozen_source_features = {}
 
     def backbone_features(self, model: EmbeddingModel):
         """The head's inputs for queries and index (`compute_features`)."""
@@ -35,7 +49,33 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model: EmbeddingModel, backbone_frozen: bool = False) -> dict:
-        """mP@5 of the model; with a frozen backbone its features are computed only once."""
+        """mP@5 of the model on the held-out split (`map5`, `map5_per_domain`) and on each
+        evaluation source (`sources`); with a frozen backbone features are computed once."""
+        result = self._evaluate_heldout(model, backbone_frozen) if len(self.query) else {}
+        if self.sources:
+            result["sources"] = {name: self._evaluate_source(model, name, rows, dropped,
+                                                             backbone_frozen)
+                                 for name, rows, dropped in self.sources}
+        return result
+
+    def _evaluate_source(self, model: EmbeddingModel, name: str, rows: pd.DataFrame,
+                         dropped: int, backbone_frozen: bool) -> dict:
+        cached = self._frozen_source_features.get(name) if backbone_frozen else None
+        if cached is None:
+            cached = compute_features(model, rows, self.transform, self.batch_size,
+                                      self.num_workers, self.device, f"eval {name}")
+            if backbone_frozen:
+                self._frozen_source_features[name] = cached
+        features, ok = cached
+        was_training = model.training
+        model.eval()
+        head_device = next(model.head.parameters()).device
+        embeddings = model.embed_features(features[ok].to(head_device)).float().cpu()
+        model.train(was_training)
+        return score_source(name, rows[ok.numpy()].reset_index(drop=True), embeddings,
+                            dropped_duplicates=dropped).report()
+
+    def _evaluate_heldout(self, model: EmbeddingModel, backbone_frozen: bool) -> dict:
         if backbone_frozen and self._frozen_features is not None:
             q, q_ok, i, i_ok = self._frozen_features
         else:

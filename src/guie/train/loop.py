@@ -32,7 +32,7 @@ from guie.train import dist
 from guie.train.amp import amp_settings
 from guie.train.averaging import EMA
 from guie.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from guie.train.evaluate import Evaluator
+from guie.train.evaluate import Evaluator, evaluation_row
 from guie.train.features import build_feature_cache, cache_key
 from guie.train.optim import lr_multiplier, param_groups, trainable
 from guie.train.order import BatchOrder, BatchSampler, SeededDataset
@@ -244,11 +244,13 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
                "loss": loss_value, f"lr_{first['name']}": first["lr"], "margin_rad": margin}
         if evaluator is not None and (b + 1) % eval_every == 0 and b + 1 < total_batches \
                 and dist.is_main():
-            row["map5"] = evaluator.evaluate(model, backbone_frozen=not backbone_trains)["map5"]
+            row.update(evaluation_row(evaluator.evaluate(model,
+                                                         backbone_frozen=not backbone_trains)))
             train_mode()
         history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"mP@5": f"{row['map5']:.3f}"}
-                                                       if "map5" in row else {}))
+        bar.set_postfix(loss=f"{row['loss']:.3f}",
+                        **{k.replace("map5", "mP@5"): f"{v:.3f}" for k, v in row.items()
+                           if k.startswith("map5")})
         bar.update(1)
         at_step_end = (b + 1) % stage.grad_accum == 0
         if at_step_end and (b + 1) // stage.grad_accum % stage.checkpoint_every_steps == 0:
@@ -267,7 +269,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     if evaluator is not None and dist.is_main():
         metrics = evaluator.evaluate(model, backbone_frozen=not backbone_trains)
         history.append({"stage": stage.name, "batch": total_batches,
-                        "epoch": total_batches / batches_per_epoch, "map5": metrics["map5"]})
+                        "epoch": total_batches / batches_per_epoch, **evaluation_row(metrics)})
     save(final_path, total_batches, metrics)
     if dist.is_main():
         # final.pt is what resume and the export read: last.pt's optimizer state (ViT-H AdamW:
