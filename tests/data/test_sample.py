@@ -1,6 +1,7 @@
 import io
 import json
 
+import pytest
 from PIL import Image
 
 from guie.data.dataset import read_bytes
@@ -35,20 +36,58 @@ def test_sample_sizes_include_strips_and_tiny_images(sample_data):
 
 
 def test_sample_is_deterministic_and_reused(tmp_path):
-    a = build_sample_data(tmp_path / "a", num_instances=16, views_per_instance=2, seed=3)
-    b = build_sample_data(tmp_path / "b", num_instances=16, views_per_instance=2, seed=3)
+    a = build_sample_data(tmp_path / "a", num_instances=24, views_per_instance=2, seed=3)
+    b = build_sample_data(tmp_path / "b", num_instances=24, views_per_instance=2, seed=3)
     assert a == b
     for rel in ("tfrecord/sample-train-00.tfrec", "csv/labels.csv"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
     manifest = tmp_path / "a" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
-    assert build_sample_data(tmp_path / "a", num_instances=16, views_per_instance=2,
+    assert build_sample_data(tmp_path / "a", num_instances=24, views_per_instance=2,
                              seed=3) == a
     assert manifest.stat().st_mtime_ns == stamp  # complete build: nothing rewritten
 
-    build_sample_data(tmp_path / "a", num_instances=16, views_per_instance=2, seed=4)
+    build_sample_data(tmp_path / "a", num_instances=24, views_per_instance=2, seed=4)
     assert json.loads(manifest.read_text())["params"]["seed"] == 4
     (tmp_path / "a" / "csv" / "labels.csv").unlink()  # incomplete build -> rebuilt
-    build_sample_data(tmp_path / "a", num_instances=16, views_per_instance=2, seed=4)
+    build_sample_data(tmp_path / "a", num_instances=24, views_per_instance=2, seed=4)
     assert (tmp_path / "a" / "csv" / "labels.csv").is_file()
+
+
+def test_manifest_names_each_photos_label_range(sample_data):
+    from guie.data.sample import photo_label_ranges
+    from guie.data.sources import merge_sources
+
+    root, sources = sample_data
+    photos = photo_label_ranges(root)
+    labels = merge_sources(sources, root)["label"]
+    covered = sorted(label for p in photos for label in range(*p["labels"]))
+    assert covered == sorted(labels.unique())  # every label in exactly one photo's range
+    assert len(photos) >= 15
+
+
+def test_photo_split_holds_out_whole_photos(sample_data):
+    from guie.config import DataConfig
+    from guie.data.sample import photo_label_ranges, photo_split
+    from guie.data.sources import merge_sources
+
+    root, sources = sample_data
+    cfg = DataConfig(heldout_classes=20, distractor_classes=10, distractors_per_class=2)
+    photos = photo_label_ranges(root)
+    split, held = photo_split(merge_sources(sources, root), cfg, photos)
+    of = {label: p["photo"] for p in photos for label in range(*p["labels"])}
+    train_photos = {of[label] for label in split.train["label"]}
+    eval_photos = {of[label] for label in split.query["label"]} | \
+        {of[label] for label in split.index["label"]}
+    assert eval_photos <= set(held) and not (train_photos & set(held))
+    assert split.query["label"].nunique() == 20 and len(split.query) == 20
+    assert split.index["distractor"].sum() == 20  # 10 classes x 2 images
+    again, held_again = photo_split(merge_sources(sources, root), cfg, photos)
+    assert held_again == held and again.query.equals(split.query)
+    other, held_other = photo_split(merge_sources(sources, root),
+                                    DataConfig(heldout_classes=20, distractor_classes=10,
+                                               split_seed=1), photos)
+    assert held_other != held
+    with pytest.raises(ValueError, match="takes every sample photo"):
+        photo_split(merge_sources(sources, root), DataConfig(heldout_classes=160), photos)

@@ -35,12 +35,15 @@ CONFIG = replace(
     # here too so the resolved config.json shows them.
     preprocess=replace(_base.preprocess, image_size=128, mean=(0.5, 0.5, 0.5),
                        std=(0.5, 0.5, 0.5), interpolation="bicubic"),
+    # BatchNorm + Linear head (5th place): standardising the trunk's non-negative pooled
+    # features first trained a better head than Dropout + Linear here (held-out mP@5 0.858 vs
+    # 0.845 after 20 epochs, seed 0).
     model=replace(_base.model, backbone="guie-lite0", pretrained_path=lite0_weights_path(),
-                  dropout=0.1),
+                  head="bn_linear"),
     stages=(
         # Frozen pretrained trunk: head + centres from a 3-view feature cache; many cheap epochs.
-        replace(_stage1, epochs=30, batch_size=64, lr_head=3e-3, warmup_epochs=1,
-                cache_views=3, eval_every_epochs=10),
+        replace(_stage1, epochs=20, batch_size=64, lr_head=3e-3, warmup_epochs=1,
+                cache_views=3, eval_every_epochs=5),
         # Everything at a low backbone LR: a real pretrained trunk needs care, not 5e-4.
         replace(_stage2, epochs=1, batch_size=32, lr_head=3e-4, lr_backbone=3e-5,
                 margin_rad=0.4, warmup_epochs=0.1, eval_every_epochs=1),
