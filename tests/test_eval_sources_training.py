@@ -33,7 +33,9 @@ def test_smoke_with_evaluation_sources(tmp_path, monkeypatch):
     sources = (EvalSource("gpr", "gpr1200", str(gpr)),
                EvalSource("mine", "folders", str(mine), domain="memes", queries_per_class=1))
     cfg = get_config("smoke")
-    cfg = replace(cfg, data=replace(cfg.data, eval_sources=sources))
+    # stage 2 keeps its best evaluation point by the GPR1200 figure (three points: 1/3, 2/3, end)
+    cfg = replace(cfg, data=replace(cfg.data, eval_sources=sources)).replace_stage(
+        "stage2", select_by="gpr", eval_every_epochs=0.34)
     out = tmp_path / "run"
     report = train(cfg, str(out))
     assert report["status"] == "done"
@@ -47,7 +49,15 @@ def test_smoke_with_evaluation_sources(tmp_path, monkeypatch):
     evaluated = curves.dropna(subset=["map5"])
     assert evaluated[["map5_gpr", "map5_mine"]].notna().all().all() and len(evaluated) >= 3
 
-    # the final figures, recomputed independently from the trained model with the official metric
+    # stage 2 kept the evaluation point with the best GPR1200 figure, and says which
+    stage2 = evaluated[evaluated["stage"] == "stage2"]
+    assert len(stage2) == 3
+    selected = torch.load(out / "stage2" / "final.pt", weights_only=False)["metrics"]["selected"]
+    assert selected["by"] == "gpr" and selected["figure"] == stage2["map5_gpr"].max()
+    assert report["eval_stage2"]["gpr"]["map5"] == stage2["map5_gpr"].max()
+    assert not (out / "stage2" / "best.pt").exists()
+
+    # the kept figures, recomputed independently from the trained model with the official metric
     model, preprocess = load_trained(cfg, out)
     model.eval()
     for src in sources:
@@ -74,3 +84,10 @@ def test_smoke_with_evaluation_sources(tmp_path, monkeypatch):
     assert scored["GPR1200"]["map5_per_domain"] == pytest.approx(
         report["eval_stage2"]["gpr"]["map5_per_domain"], abs=1e-9)
     assert (evaluated_out / "GPR1200" / "report.html").is_file()
+
+
+def test_select_by_names_the_figures_there_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = get_config("smoke").replace_stage("stage1", select_by="gprr")
+    with pytest.raises(ValueError, match=r"stage1.select_by='gprr': choose one of last, heldout"):
+        train(cfg, str(tmp_path / "run"))

@@ -160,6 +160,9 @@ class StageConfig:
     image_size_px: int = 0
     patch_stride_px: int = 0
     ema_decay: float = 0.0  # > 0: train with an exponential moving average of the weights
+    # Which weights the stage keeps: "last" (its final step's), or the best evaluation point by
+    # "heldout" (the held-out mP@5) or by an evaluation source's name (its mP@5).
+    select_by: str = "last"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     augment: tuple[str, ...] = ("random_resized_crop", "hflip")
     eval_every_epochs: float = 1.0

@@ -155,7 +155,8 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     # continue at the wrong position of a different order.
     order_key = {"rows": len(rows), "batch_size": stage.batch_size, "world": world,
                  "grad_accum": stage.grad_accum, "epochs": stage.epochs, "seed": cfg.seed}
-    start, history = 0, []
+    select_key = _selection_key(stage, evaluator)
+    start, history, best = 0, [], None  # best: the evaluation point the stage keeps so far
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
         saved_key = ckpt.get("order", order_key)
@@ -171,7 +172,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         set_rng_state(ckpt["rng"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        start, history = ckpt["next_batch"], ckpt["history"]
+        start, history, best = ckpt["next_batch"], ckpt["history"], ckpt.get("best")
         _say(f"{stage.name}: resumed at batch {start} of {total_batches} (optimizer step "
              f"{start // stage.grad_accum}) from {last_path}")
     else:
@@ -201,7 +202,7 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     def save(path: Path, next_batch: int, metrics: dict | None = None) -> None:
         if dist.is_main():
             state = {"model": stage_state(model, loss_fn, stage), "next_batch": next_batch,
-                     "order": order_key,
+                     "order": order_key, "best": best,
                      "history": history, "metrics": metrics or {}, "config": to_dict(cfg)}
             if path != final_path:  # a finished stage needs no optimizer (ViT-H AdamW: 5 GB)
                 state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -244,8 +245,10 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
                "loss": loss_value, f"lr_{first['name']}": first["lr"], "margin_rad": margin}
         if evaluator is not None and (b + 1) % eval_every == 0 and b + 1 < total_batches \
                 and dist.is_main():
-            row.update(evaluation_row(evaluator.evaluate(model,
-                                                         backbone_frozen=not backbone_trains)))
+            result = evaluator.evaluate(model, backbone_frozen=not backbone_trains)
+            row.update(evaluation_row(result))
+            best = _keep_if_best(best, select_key, row, result, b + 1, stage_dir,
+                                 lambda: stage_state(model, loss_fn, stage))
             train_mode()
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
@@ -270,7 +273,11 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
         metrics = evaluator.evaluate(model, backbone_frozen=not backbone_trains)
         history.append({"stage": stage.name, "batch": total_batches,
                         "epoch": total_batches / batches_per_epoch, **evaluation_row(metrics)})
+        if select_key is not None:
+            metrics = _select_best(best, select_key, metrics, total_batches, stage_dir,
+                                   model, loss_fn, stage)
     save(final_path, total_batches, metrics)
+    (stage_dir / BEST_WEIGHTS).unlink(missing_ok=True)  # final.pt holds the kept weights now
     if dist.is_main():
         # final.pt is what resume and the export read: last.pt's optimizer state (ViT-H AdamW:
         # ~5 GB) would only eat Kaggle's 20 GB output cap.
@@ -280,6 +287,50 @@ def run_stage(cfg: ExperimentConfig, stage: StageConfig, model: EmbeddingModel,
     if from_cache:
         dist.barrier()
     return StageOutcome("done", final_path, metrics, history)
+
+
+BEST_WEIGHTS = "best.pt"  # the best evaluation point's weights while a selecting stage runs
+
+
+def _selection_key(stage: StageConfig, evaluator: Evaluator | None) -> str | None:
+    """The history column `select_by` names (None: keep the last weights)."""
+    if stage.select_by == "last":
+        return None
+    names = [name for name, _, _ in evaluator.sources] if evaluator is not None else []
+    heldout = evaluator is not None and len(evaluator.query) > 0
+    options = ["last", *(["heldout"] if heldout else []), *names]
+    if stage.select_by == "heldout" and heldout:
+        return "map5"
+    if stage.select_by in names:
+        return f"map5_{stage.select_by}"
+    raise ValueError(f"{stage.name}.select_by={stage.select_by!r}: choose one of "
+                     f"{', '.join(options)} (the evaluation sources are data.eval_sources)")
+
+
+def _keep_if_best(best: dict | None, key: str | None, row: dict, result: dict, batch: int,
+                  stage_dir: Path, weights) -> dict | None:
+    """Save this evaluation point's weights (`weights()`) as best.pt if it beats the best so far."""
+    if key is None or row.get(key) is None or (best is not None and row[key] <= best["figure"]):
+        return best
+    if dist.is_main():
+        save_checkpoint({"model": weights()}, stage_dir / BEST_WEIGHTS)
+    return {"figure": row[key], "batch": batch, "metrics": result}
+
+
+def _select_best(best: dict | None, key: str, metrics: dict, total_batches: int,
+                 stage_dir: Path, model: EmbeddingModel, loss_fn: nn.Module,
+                 stage: StageConfig) -> dict:
+    """The final metrics of a selecting stage: its last step's, unless an earlier evaluation
+    point scored higher by `key`; then those weights are loaded back and kept."""
+    final = evaluation_row(metrics).get(key)
+    if best is None or final is None or final >= best["figure"]:
+        return {**metrics, "selected": {"by": stage.select_by, "batch": total_batches,
+                                        "figure": final}}
+    load_stage_state(model, loss_fn, load_checkpoint(stage_dir / BEST_WEIGHTS)["model"])
+    _say(f"{stage.name}: keeps batch {best['batch']} ({stage.select_by} mP@5 {best['figure']:.4f} "
+         f"> {final:.4f} at the end)")
+    return {**best["metrics"], "selected": {"by": stage.select_by, "batch": best["batch"],
+                                            "figure": best["figure"]}}
 
 
 def drop_superseded_backbones(cfg: ExperimentConfig, stage: StageConfig, out_dir: Path,
