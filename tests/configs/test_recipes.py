@@ -72,7 +72,7 @@ def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_
 
     from guie.pipeline import run_local
 
-    cfg = smoke_scale(get_config("fifth_place"), sample_data, batches=20)
+    cfg = smoke_scale(get_config("fifth_place"), sample_data, batches=40)
     cfg = replace(cfg, stages=(replace(cfg.stages[0], use_feature_cache=True),),
                   data=replace(cfg.data, heldout_classes=12, distractor_classes=6),
                   export=replace(cfg.export, tta=()))  # views would make export != eager
