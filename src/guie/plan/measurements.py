@@ -153,7 +153,7 @@ def build_tower(key: Key):
 
 def measure(key: Key) -> Measurement:
     """Measure on this CPU: two training steps and two no-grad forwards (seconds for small
-    towers; ViT-H-14 takes minutes and ~6 GiB)."""
+    towers; ViT-H-14 took 11-15 minutes and ~8 GiB on a shared 2-core CPU)."""
     visual, backbone = build_tower(key)
     side = key.image_size_px
     gen = torch.Generator().manual_seed(0)
