@@ -53,6 +53,8 @@ def plan_json(plan: Plan) -> dict:
         "train_images": plan.train_images, "max_hours": plan.max_hours,
         "stages": [{"name": s.name, "fits": s.fits, "gpu_memory_gib": round(s.gpu_memory_gib, 3),
                     "gpu_memory_limit_gib": s.gpu_memory_limit_gib, "max_batch": s.max_batch,
+                    "max_batch_other_checkpointing": s.max_batch_other_checkpointing,
+                    "activations_gib_other_checkpointing": s.activations_gib_other_checkpointing,
                     "batch": s.batch, "checkpointing": s.checkpointing,
                     "hours": round(s.hours, 3), "cache_pass_hours": round(s.cache_pass_hours, 3),
                     "sessions": s.sessions, "attention": s.attention,
