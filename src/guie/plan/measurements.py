@@ -193,5 +193,10 @@ def _inference_peak(visual: torch.nn.Module, images: torch.Tensor, amp: str) -> 
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
+    try:  # the CPU's model name says more than "x86_64"
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{datetime.now(timezone.utc).date().isoformat()}")
