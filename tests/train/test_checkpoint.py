@@ -27,7 +27,7 @@ def _assert_predicted(predicted: int, path):
 
 
 def test_prediction_matches_a_smoke_runs_files_and_finished_stages_drop_last_pt(sample_data,
-                                                                               tmp_path):
+                                                                               tmp_path, capsys):
     smoke = get_config("smoke")
     cfg = _cfg(sample_data, (replace(smoke.stage1, epochs=0.5),
                              replace(smoke.stage2, epochs=0.1, checkpoint_every_steps=1)))
@@ -41,7 +41,11 @@ def test_prediction_matches_a_smoke_runs_files_and_finished_stages_drop_last_pt(
     _assert_predicted(stage2.last_pt, out / "stage2" / "last.pt")  # weights + AdamW moments
     assert not (out / "stage1" / "last.pt").exists()  # finished: final.pt is all it needs
 
+    capsys.readouterr()
     assert train(cfg, str(out))["status"] == "done"  # resumes stage 2 and finishes it
+    said = capsys.readouterr().out
+    assert f"stage1: complete, skipped ({out / 'stage1' / 'final.pt'}" in said
+    assert "stage2: resumed at batch 1 of " in said and str(out / "stage2" / "last.pt") in said
     _assert_predicted(stage2.final_pt, out / "stage2" / "final.pt")
     assert not (out / "stage2" / "last.pt").exists()
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
