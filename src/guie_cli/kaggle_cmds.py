@@ -104,6 +104,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                          {"kernel-metadata.json": plans[kind].metadata,
                           "parameters": plans[kind].parameters})
         _print_output_size(cfg)
+        print_plan(cfg, args.machine_shape, args.max_hours)
         return 0
 
     commit = git_commit()
@@ -160,6 +161,18 @@ def _print_output_size(cfg) -> None:
     print(f"training output (predicted from parameter counts, {classes} classes): "
           f"{predicted.end_bytes / 1e9:.2f} GB at the end, {predicted.peak_bytes / 1e9:.2f} GB at "
           f"its peak, against Kaggle's {OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
+
+
+def print_plan(cfg, machine_shape: str, max_hours: float) -> None:
+    """`submit.py plan`'s table for what is pushed: fits, hours, sessions, quota (issue 15)."""
+    from guie.plan import format_plan, plan_run
+
+    try:  # no 10-minute CPU measurement inside a dry run: cached or shipped ones only
+        plan = plan_run(cfg, machine_shape, max_hours=max_hours, measure_missing=False)
+    except ValueError as e:
+        print(f"plan: not shown ({e}); `submit.py plan --config {cfg.name}` measures and shows it")
+        return
+    print(format_plan(plan))
 
 
 # ----------------------------------------------------------------------------- status

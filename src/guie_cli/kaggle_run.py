@@ -12,6 +12,7 @@ from guie.kaggle.chain import UNTIL, Chain, ChainSettings, ChainStopped, describ
 from guie.kaggle.notebooks import kernel_config, owner_overrides, plan_probe, write_kernel
 from guie.kaggle.platform import PLATFORM_RECORD, check_machine_shape, platform_facts
 from guie.kaggle.probe import PROBE_OUTPUT
+from guie_cli.kaggle_cmds import print_plan
 from guie_cli.kaggle_common import (common_args, list_folder, machine_args, save_state,
                                     secrets_and_owner, state_path, wheel_download)
 
@@ -34,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[dry run] the chain for config {args.config}, until {args.until}; nothing is sent:")
         for line in describe(settings, len([s for s in cfg.stages if s.enabled])):
             print(f"  {line}")
+        print_plan(cfg, args.machine_shape, args.max_hours)  # the sessions and hours it expects
         return 0
     chain = Chain(client, cfg, settings, download=wheel_download(args),
                   log=lambda line: print(line, flush=True))

@@ -148,7 +148,8 @@ def test_the_quota_budget_stops_the_chain_cleanly(running_kaggle, tmp_path, whee
 
 
 def test_run_dry_run_shows_the_chain(fake_kaggle, tmp_path, capsys):
-    assert main(["run", "--config", "smoke", "--dry-run", "--workdir", str(tmp_path)]) == 0
+    assert main(["run", "--config", "third_place", "--dry-run", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "training sessions of up to 11 h" in out and "daily cap 5" in out
+    assert "session(s) of 11 h" in out  # the planner's estimate of how many the chain needs
     assert fake_kaggle.calls == []

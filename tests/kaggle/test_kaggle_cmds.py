@@ -175,6 +175,14 @@ def test_push_dry_run_names_the_weights_and_warns_without_them(fake_kaggle, work
     assert "Kaggle's 20 GB cap: fits" in out
 
 
+def test_push_dry_run_shows_the_plan_of_a_real_recipe(fake_kaggle, workdir, capsys):
+    """third_place on 2xT4 from the shipped ViT-H-14 measurement (no CPU measuring in a dry run)."""
+    assert cli("push", "--dry-run", "--workdir", workdir, "--config", "third_place") == 0
+    out = capsys.readouterr().out
+    assert "plan for `third_place` on NvidiaTeslaT4" in out
+    assert "stage2: DOES NOT FIT" in out and "weekly GPU quota" in out
+
+
 def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
     pushed.add_kernel_run(TRAIN, [("COMPLETE", "")], {}, "")
     calls_before = len(pushed.calls)
