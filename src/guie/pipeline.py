@@ -319,6 +319,8 @@ def score_untrained(session: Session) -> dict:
         raise ValueError(f"config {session.cfg.name!r} holds out no classes: nothing to score "
                          "locally (set data.heldout_classes > 0)")
     split = session.split
+    print(f"scoring the untrained model first ({len(split.query)} held-out queries): the "
+          "baseline every stage must beat", flush=True)
     untrained = session.evaluator.evaluate(session.model, backbone_frozen=True)
     data = {"train_images": len(split.train),
             "train_classes": int(split.train["label"].nunique()),

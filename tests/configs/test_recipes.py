@@ -60,7 +60,8 @@ def test_recipe_trains_and_exports_at_smoke_scale(name, sample_data, tmp_path):
         assert zf.namelist() == ["saved_model.pt"]
 
 
-def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_path):
+def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_path,
+                                                               monkeypatch):
     """5th place's head trains on the feature cache, whose rows carry the three aspect-ratio
     features of each image; the export computes them from the host's input instead. The same
     held-out mP@5 through both says the two agree image by image."""
@@ -72,6 +73,8 @@ def test_fifth_place_aspect_features_flow_from_cache_to_export(sample_data, tmp_
 
     from guie.pipeline import run_local
 
+    # its own cache folder: the assertion below counts the caches this run built
+    monkeypatch.setenv("GUIE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = smoke_scale(get_config("fifth_place"), sample_data, batches=40)
     cfg = replace(cfg, stages=(replace(cfg.stages[0], use_feature_cache=True),),
                   data=replace(cfg.data, heldout_classes=12, distractor_classes=6),

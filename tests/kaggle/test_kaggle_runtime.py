@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import USERNAME
+from conftest import KEY, USERNAME
 from guie.kaggle.emulate import mount_notebook_output, mount_uploaded
 from kernel_runner import PAPERMILL
 
@@ -90,7 +90,6 @@ def pushed(tmp_path_factory):
     from fake_server import FakeKaggle
     from kagglesdk import kaggle_env
 
-    from conftest import KEY
     from guie_cli.kaggle_cmds import register
 
     home = tmp_path_factory.mktemp("push-home")

@@ -193,6 +193,10 @@ class Chain:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        finished = self._finished()
+        if finished:  # nothing to push: and not an error if the working tree moved on since
+            self.log(f"chain already {finished}: {self.state.path}")
+            return {"status": finished, **self.state.data}
         self._start()
         for entry in self.state.sessions:
             if entry["outcome"] is None:
@@ -232,6 +236,15 @@ class Chain:
             if self.s.until == "exported":
                 return {"status": "exported", **self.state.data}
             return self._submit(infers[-1])
+
+    def _finished(self) -> str | None:
+        """"submitted", "exported" or "trained" where the chain has reached `until` before."""
+        trains, infers = self.state.of_kind("train"), self.state.of_kind("infer")
+        trained = bool(trains) and trains[-1]["outcome"] == "done"
+        exported = trained and bool(infers) and infers[-1]["outcome"] == "done"
+        scored = (self.state.data.get("submission") or {}).get("status") in ("COMPLETE", "ERROR")
+        reached = {"trained": trained, "exported": exported, "submitted": exported and scored}
+        return self.s.until if reached[self.s.until] else None
 
     def _submit(self, infer: dict) -> dict:
         from guie.kaggle.history import submission_message
