@@ -369,7 +369,7 @@ def photo_split(df, cfg, photos: list[dict]) -> tuple:
     `heldout_classes + distractor_classes`; among those instances `heldout_classes` become
     queries + index and `distractor_classes` pad the index; their remaining instances are used
     nowhere. Training keeps every instance of every other photo."""
-    from guie.data.sources import Split, _pick, _rank_in_class
+    from guie.data.sources import split_classes
 
     rng = np.random.default_rng(cfg.split_seed)
     need = cfg.heldout_classes + cfg.distractor_classes
@@ -385,22 +385,8 @@ def photo_split(df, cfg, photos: list[dict]) -> tuple:
                          "heldout_classes/distractor_classes or raise sample_instances")
     counts = df["label"].value_counts()
     held_counts = counts[counts.index.isin(held_labels)]
-    q = cfg.queries_per_class
-    heldout = _pick(held_counts.index[held_counts >= q + 1].to_numpy(), cfg.heldout_classes, rng,
-                    f"held-out classes (>= {q + 1} images each) in photos {held_photos}")
-    rest = held_counts.drop(heldout)
-    distract = _pick(rest.index[rest >= max(cfg.distractors_per_class, 1)].to_numpy(),
-                     cfg.distractor_classes, rng,
-                     f"distractor classes (>= {cfg.distractors_per_class} images each)")
-    labels = df["label"].to_numpy()
-    in_heldout, in_distract = np.isin(labels, heldout), np.isin(labels, distract)
-    rank = _rank_in_class(labels, rng)
-    is_query = in_heldout & (rank < q)
-    is_index = (in_heldout & ~is_query) | (in_distract & (rank < cfg.distractors_per_class))
-    index = df[is_index].reset_index(drop=True)
-    index["distractor"] = np.isin(index["label"].to_numpy(), distract)
-    split = Split(train=df[~np.isin(labels, held_labels)].reset_index(drop=True),
-                  query=df[is_query].reset_index(drop=True), index=index)
+    split = split_classes(df, cfg, rng, held_counts, kept_out=np.asarray(held_labels),
+                          where=f" in photos {held_photos}")
     return split, held_photos
 
 

@@ -191,11 +191,20 @@ def split_heldout(df: pd.DataFrame, cfg: DataConfig) -> Split:
     `queries_per_class + 1` images and distractor classes `distractors_per_class`; both
     sets are disjoint and absent from `train`."""
     rng = np.random.default_rng(cfg.split_seed)
-    counts = df["label"].value_counts().sort_index()
+    return split_classes(df, cfg, rng, df["label"].value_counts().sort_index())
+
+
+def split_classes(df: pd.DataFrame, cfg: DataConfig, rng: np.random.Generator,
+                  candidates: pd.Series, kept_out: np.ndarray | None = None,
+                  where: str = "") -> Split:
+    """Held-out classes and distractors picked (in this order, with `rng`) among `candidates`
+    (label -> image count, in the order given); training is every row whose label is not in
+    `kept_out` (default: the picked classes). The sample set's photo split passes the labels of
+    whole held-out photos (`guie.data.sample.photo_split`)."""
     q = cfg.queries_per_class
-    heldout = _pick(counts.index[counts >= q + 1].to_numpy(), cfg.heldout_classes, rng,
-                    f"held-out classes (>= {q + 1} images each)")
-    rest = counts.drop(heldout)
+    heldout = _pick(candidates.index[candidates >= q + 1].to_numpy(), cfg.heldout_classes, rng,
+                    f"held-out classes (>= {q + 1} images each){where}")
+    rest = candidates.drop(heldout)
     distract = _pick(rest.index[rest >= max(cfg.distractors_per_class, 1)].to_numpy(),
                      cfg.distractor_classes, rng,
                      f"distractor classes (>= {cfg.distractors_per_class} images each)")
@@ -209,8 +218,9 @@ def split_heldout(df: pd.DataFrame, cfg: DataConfig) -> Split:
 
     index = df[is_index].reset_index(drop=True)
     index["distractor"] = np.isin(index["label"].to_numpy(), distract)
+    out = (in_heldout | in_distract) if kept_out is None else np.isin(labels, kept_out)
     return Split(
-        train=df[~(in_heldout | in_distract)].reset_index(drop=True),
+        train=df[~out].reset_index(drop=True),
         query=df[is_query].reset_index(drop=True),
         index=index,
     )
