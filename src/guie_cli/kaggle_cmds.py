@@ -19,13 +19,14 @@ from pathlib import Path
 from guie.kaggle import packaging
 from guie.kaggle.build import build_kernels, upload_datasets
 from guie.kaggle.inputs import is_kaggle_ref
-from guie.kaggle.notebooks import kernel_config, owner_overrides, slugify_title
+from guie.kaggle.notebooks import kernel_config, slugify_title
 from guie.kaggle.platform import (OUTPUT_CAP_BYTES, PLATFORM_RECORD, check_machine_shape,
                                   platform_facts)
 from guie.kaggle.probe import PROBE_OUTPUT
-from guie_cli.kaggle_common import (common_args, confirm, connect, git_commit,
-                                    list_folder, load_state, machine_args, read_json, save_state,
-                                    secrets_and_owner, state_path, wheel_download)
+from guie_cli.kaggle_common import (common_args, confirm, connect, git_commit, list_folder,
+                                    load_state, machine_args, owned_config, read_json, save_state,
+                                    secrets_and_owner, standalone_main, state_path,
+                                    wheel_download)
 
 
 # ----------------------------------------------------------------------------- push
@@ -68,8 +69,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
     warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
     client, owner, secrets = secrets_and_owner(args)
-    overrides = [*args.overrides, *owner_overrides(cfg, owner)]
-    cfg = kernel_config(args.config, overrides)
+    cfg, overrides = owned_config(args, owner)
     facts = platform_facts(args.workdir)
     state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     chosen = ["train", "infer"] if args.kernels == "both" else [args.kernels]
@@ -376,11 +376,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m guie_cli.kaggle_cmds COMMAND ...`: these commands alone."""
-    from guie_cli.main import CliParser, run_parsed
-
-    parser = CliParser(prog="kaggle_cmds")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run_parsed(parser, sys.argv[1:] if argv is None else argv)
+    return standalone_main("kaggle_cmds", register, argv)
 
 
 if __name__ == "__main__":

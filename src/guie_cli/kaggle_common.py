@@ -116,3 +116,22 @@ def common_args(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = F
         p.add_argument("--dry-run", action="store_true", help="build and list; send nothing")
     if poll:
         p.add_argument("--poll-s", type=float, default=15.0, help="first polling interval")
+
+
+def owned_config(args: argparse.Namespace, owner: str):
+    """(config, overrides) of what is pushed: the user's overrides plus those that put the
+    pushing user's name into the config's `kaggle:KAGGLE_USERNAME/...` references."""
+    from guie.kaggle.notebooks import kernel_config, owner_overrides
+
+    overrides = [*args.overrides, *owner_overrides(kernel_config(args.config, args.overrides), owner)]
+    return kernel_config(args.config, overrides), overrides
+
+
+def standalone_main(prog: str, register: Callable, argv: list[str] | None) -> int:
+    """`python -m guie_cli.<module> COMMAND ...`: one module's commands alone, with main's
+    error handling."""
+    from guie_cli.main import CliParser, run_parsed
+
+    parser = CliParser(prog=prog)
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_parsed(parser, sys.argv[1:] if argv is None else argv)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from guie.kaggle import packaging
 from guie.kaggle.chain import UNTIL, Chain, ChainSettings, ChainStopped, describe
-from guie.kaggle.notebooks import kernel_config, owner_overrides, plan_probe, write_kernel
+from guie.kaggle.notebooks import kernel_config, plan_probe, write_kernel
 from guie.kaggle.platform import PLATFORM_RECORD, check_machine_shape, platform_facts
 from guie.kaggle.probe import PROBE_OUTPUT
 from guie_cli.kaggle_cmds import print_plan
-from guie_cli.kaggle_common import (common_args, list_folder, machine_args, save_state,
-                                    secrets_and_owner, state_path, wheel_download)
+from guie_cli.kaggle_common import (common_args, list_folder, machine_args, owned_config,
+                                    save_state, secrets_and_owner, standalone_main, state_path,
+                                    wheel_download)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -22,8 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape):
         print(line)
     client, owner, secrets = secrets_and_owner(args)
-    overrides = [*args.overrides, *owner_overrides(cfg, owner)]
-    cfg = kernel_config(args.config, overrides)
+    cfg, overrides = owned_config(args, owner)
     settings = ChainSettings(
         config_name=args.config, overrides=tuple(overrides), owner=owner,
         workdir=Path(args.workdir), secrets=tuple(secrets),
@@ -101,11 +101,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m guie_cli.kaggle_run COMMAND ...`: these commands alone."""
-    from guie_cli.main import CliParser, run_parsed
-
-    parser = CliParser(prog="kaggle_run")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run_parsed(parser, sys.argv[1:] if argv is None else argv)
+    return standalone_main("kaggle_run", register, argv)
 
 
 if __name__ == "__main__":

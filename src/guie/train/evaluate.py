@@ -22,6 +22,16 @@ def evaluation_row(result: dict) -> dict:
     return row
 
 
+def _head_embeddings(model: EmbeddingModel, *features: torch.Tensor) -> list[torch.Tensor]:
+    """The head's unit embeddings of backbone features, in eval mode (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    head_device = next(model.head.parameters()).device
+    out = [model.embed_features(f.to(head_device)).float().cpu() for f in features]
+    model.train(was_training)
+    return out
+
+
 class Evaluator:
     def __init__(self, query: pd.DataFrame, index: pd.DataFrame, preprocess: Preprocess,
                  batch_size: int, num_workers: int, device: torch.device,
@@ -67,11 +77,7 @@ class Evaluator:
             if backbone_frozen:
                 self._frozen_source_features[name] = cached
         features, ok = cached
-        was_training = model.training
-        model.eval()
-        head_device = next(model.head.parameters()).device
-        embeddings = model.embed_features(features[ok].to(head_device)).float().cpu()
-        model.train(was_training)
+        (embeddings,) = _head_embeddings(model, features[ok])
         return score_source(name, rows[ok.numpy()].reset_index(drop=True), embeddings,
                             dropped_duplicates=dropped).report()
 
@@ -82,12 +88,7 @@ class Evaluator:
             q, q_ok, i, i_ok = self.backbone_features(model)
             if backbone_frozen:
                 self._frozen_features = (q, q_ok, i, i_ok)
-        was_training = model.training
-        model.eval()
-        head_device = next(model.head.parameters()).device
-        q_emb = model.embed_features(q[q_ok].to(head_device)).float().cpu()
-        i_emb = model.embed_features(i[i_ok].to(head_device)).float().cpu()
-        model.train(was_training)
+        q_emb, i_emb = _head_embeddings(model, q[q_ok], i[i_ok])
         return self._score(q_emb, q_ok, i_emb, i_ok)
 
     def _score(self, q_emb, q_ok, i_emb, i_ok) -> dict:
