@@ -3,16 +3,16 @@ from dataclasses import replace
 
 import pytest
 
-from guie.config import (ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config,
-                         override_keys, save_config, to_dict)
-from guie.configs import get_config, list_configs
+from guie.config import ExperimentConfig, load_config, save_config
+from guie.config_io import ConfigError, apply_overrides, from_dict, override_keys, to_dict
+from guie.configs import get_config, list_configs, resolve_config
 
 
 def test_overrides_are_typed_and_nested():
     cfg = apply_overrides(ExperimentConfig(), ["stage2.lr_backbone=2e-6", "--model.dropout=0.1",
                                                "stage1.augment=[\"hflip\"]", "export.compat=torch1.11"])
-    assert cfg.stage2.lr_backbone == 2e-6 and cfg.model.dropout == 0.1
-    assert cfg.stage1.augment == ("hflip",) and cfg.export.compat == "torch1.11"
+    assert cfg.stage("stage2").lr_backbone == 2e-6 and cfg.model.dropout == 0.1
+    assert cfg.stage("stage1").augment == ("hflip",) and cfg.export.compat == "torch1.11"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -100,11 +100,20 @@ def test_a_saved_config_with_a_typo_names_the_key():
 def test_stages_are_addressed_by_name():
     cfg = apply_overrides(get_config("smoke"), ["stage2.train=[\"head\", \"blocks:0-1\"]",
                                                 "stage1.image_size_px=80"])
-    assert cfg.stage2.train == ("head", "blocks:0-1") and cfg.stage("stage1").image_size_px == 80
-    with pytest.raises(AttributeError, match="no field or stage 'stage9'"):
-        cfg.stage9
+    assert cfg.stage("stage2").train == ("head", "blocks:0-1")
+    assert cfg.stage("stage1").image_size_px == 80
+    with pytest.raises(ConfigError, match=r"^no stage named 'stage9' \(stages: stage1, stage2\)$"):
+        cfg.stage("stage9")
     with pytest.raises(ValueError, match="must be unique"):
-        replace(cfg, stages=(cfg.stage1, cfg.stage1))
+        replace(cfg, stages=(cfg.stage("stage1"), cfg.stage("stage1")))
+
+
+def test_resolve_config_applies_the_overrides_to_the_shipped_config():
+    cfg = resolve_config("smoke", ["stage1.epochs=2", "stage1.epochs=3"])
+    assert cfg.stage("stage1").epochs == 3 and cfg.name == "smoke"
+    assert resolve_config("smoke") == get_config("smoke")
+    with pytest.raises(ConfigError, match=r"^unknown config `smok`; did you mean `smoke`\?"):
+        resolve_config("smok", ["stage1.epochs=2"])
 
 
 def test_configs_saved_before_stage_schedules_still_load(tmp_path):

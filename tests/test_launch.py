@@ -49,7 +49,7 @@ def test_a_rank_whose_whole_batch_is_corrupt_keeps_step_with_the_other(sample_da
         smoke.data, root=str(tmp_path), sample_instances=0, heldout_classes=0,
         distractor_classes=0, num_workers=0,
         sources=(DataSource("mostly-broken", "csv", "labels.csv"),)))
-    cfg = replace(cfg, stages=(replace(cfg.stage2, batch_size=1, epochs=0.2),))
+    cfg = replace(cfg, stages=(replace(cfg.stage("stage2"), batch_size=1, epochs=0.2),))
     monkeypatch.setenv("GUIE_NPROC", "2")
     monkeypatch.setenv("GUIE_DIST_TIMEOUT_S", "60")
     report = train_on_all_gpus(cfg, str(tmp_path / "out"))

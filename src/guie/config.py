@@ -3,24 +3,22 @@
 An experiment is a `ExperimentConfig`; every recipe module under `guie.configs` builds one with
 `dataclasses.replace` from the defaults here and states only what differs. Overrides from the
 command line (`--stage2.lr_head=1e-4`, a stage addressed by its name) are parsed against the
-field types and unknown keys are errors, so a typo never silently trains the wrong thing.
+field types and unknown keys are errors, so a typo never silently trains the wrong thing; that
+parsing lives in `guie.config_io`, and a config name with its overrides resolves through
+`guie.configs.resolve_config`.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
-import shlex
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config name, override or saved config that is wrong. The message says in one line what
-    is wrong and what would be right; the command line prints it as `error: ...` (exit 2)."""
+from guie.config_io import ConfigError, from_dict, to_dict
+# Re-exported (with ConfigError, from_dict, to_dict) for the modules that import the whole config
+# API from here: `from guie.config import apply_overrides` predates guie.config_io.
+from guie.config_io import apply_overrides as apply_overrides
+from guie.config_io import override_keys as override_keys
 
 
 @dataclass(frozen=True)
@@ -223,226 +221,10 @@ class ExperimentConfig:
         raise ConfigError(f"no stage named {name!r} (stages: "
                           f"{', '.join(s.name for s in self.stages) or 'none'})")
 
-    def __getattr__(self, name: str) -> StageConfig:
-        # `cfg.stage1` reads the stage named "stage1", as overrides address it.
-        stages = self.__dict__.get("stages", ())
-        for s in stages:
-            if s.name == name:
-                return s
-        raise AttributeError(f"{type(self).__name__} has no field or stage {name!r}")
-
     def replace_stage(self, name: str, **changes) -> "ExperimentConfig":
         self.stage(name)
         return replace(self, stages=tuple(replace(s, **changes) if s.name == name else s
                                           for s in self.stages))
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: dict) -> Any:
-    """Build a dataclass from a dict (e.g. a saved resolved config), checking every key."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}"
-                          + (_did_you_mean(unknown[0], known) if len(unknown) == 1 else ""))
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{cls.__name__}.{name}")
-    return cls(**kwargs)
-
-
-def _takes(tp: Any) -> str:
-    """What a field of type `tp` takes, in the words of someone writing an override."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if is_dataclass(tp):
-        return "a section"
-    if origin is typing.Union or origin is types.UnionType:
-        return " or ".join("null" if a is type(None) else _takes(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a JSON list, each item {_takes(args[0])}"
-        return f"a JSON list of {len(args)} items, each {_takes(args[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number",
-            str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    wrong = ConfigError(f"`{where}` takes {_takes(tp)}, got {value!r}")
-    if is_dataclass(tp):
-        if not isinstance(value, dict):
-            first = fields(tp)[0].name
-            raise ConfigError(f"`{where}` is a section, not a value: set its fields one by one, "
-                              f"e.g. `{where}.{first}=...`")
-        return from_dict(tp, value)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except (ValueError, TypeError):
-                continue
-        raise wrong
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{wrong}{_did_you_mean(str(value), [str(a) for a in args])}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"{wrong} ({len(value)} items)")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise wrong
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise wrong
-        try:
-            return int(value)
-        except ValueError:
-            raise wrong from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise wrong
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise wrong from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    raise TypeError(f"{where}: unsupported config type {tp}")
-
-
-def override_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every key an override can set, stages by name: `seed`, `model.dropout`, `stage1.epochs`."""
-    keys = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        keys += override_keys(value, f"{prefix}{f.name}.") if is_dataclass(value) else [
-            prefix + f.name]
-    for stage in cfg.stages if isinstance(cfg, ExperimentConfig) else ():
-        keys += override_keys(stage, f"{prefix}{stage.name}.")
-    return keys
-
-
-def _closest(word: str, candidates: list[str], cutoff: float = 0.6) -> list[str]:
-    """The candidates nearest to `word` (several only where they tie)."""
-    ranked = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates),
-                    reverse=True)
-    best = ranked[0][0] if ranked else 0.0
-    return sorted(c for r, c in ranked if r == best) if best >= cutoff else []
-
-
-def _did_you_mean(word: str, candidates: list[str], cutoff: float = 0.6, suffix: str = "") -> str:
-    close = _closest(word, candidates, cutoff)
-    return ("; did you mean " + " or ".join(f"`{c}{suffix}`" for c in close[:3]) + "?"
-            if close else "")
-
-
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply `key.sub=value` overrides (values parsed as JSON where they parse, else strings).
-
-    Every mistake is a ConfigError whose message names the nearest valid key or value."""
-    for item in overrides:
-        key, sep, raw = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise ConfigError(_not_key_value(cfg, item, key))
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cfg = _replace_path(cfg, key.split("."), value, item, cfg, ())
-    return cfg
-
-
-def _not_key_value(cfg: Any, item: str, key: str) -> str:
-    keys = override_keys(cfg)
-    if key in keys:
-        return f"override `{item}` has no value: write `{key}=VALUE`, with no spaces around `=`"
-    from guie.configs import list_configs  # here: guie.configs imports this module
-
-    if item in list_configs():
-        return f"override `{item}` is not KEY=VALUE; did you mean `--config {item}`?"
-    return (f"override `{item}` is not KEY=VALUE"
-            + (_did_you_mean(key, keys, suffix="=VALUE") or " (e.g. `stage1.epochs=3`)"))
-
-
-def _replace_path(obj: Any, path: list[str], value: Any, item: str, root: Any,
-                  walked: tuple[str, ...]) -> Any:
-    name, here = path[0], ".".join((*walked, path[0]))
-    known = {f.name for f in fields(obj)}
-    stage_names = [s.name for s in obj.stages] if isinstance(obj, ExperimentConfig) else []
-    if name not in known and name in stage_names and len(path) > 1:
-        stages = tuple(_replace_path(s, path[1:], value, item, root, (*walked, name))
-                       if s.name == name else s for s in obj.stages)
-        return replace(obj, stages=stages)
-    if name not in known:
-        raise ConfigError(f"override `{item}`: " + _unknown_key(obj, path, walked, root, item))
-    hints = typing.get_type_hints(type(obj))
-    if len(path) == 1:
-        try:
-            return replace(obj, **{name: _coerce(hints[name], value, here)})
-        except ConfigError as e:
-            current = getattr(obj, name)  # a string is written as is, everything else as JSON
-            now = current if isinstance(current, str) else json.dumps(
-                current, default=dataclasses.asdict)
-            shown = f" (currently `{here}={shlex.quote(now)}`)" if len(now) <= 60 else ""
-            raise ConfigError(f"override `{item}`: {e}{shown}") from None
-    child = getattr(obj, name)
-    if not is_dataclass(child):
-        raise ConfigError(f"override `{item}`: `{here}` is a value, not a section: write "
-                          f"`{here}=VALUE`")
-    return replace(obj, **{name: _replace_path(child, path[1:], value, item, root,
-                                               (*walked, name))})
-
-
-def _unknown_key(obj: Any, path: list[str], walked: tuple[str, ...], root: Any, item: str
-                 ) -> str:
-    """Why `path` (under `walked`) names nothing, and the nearest key that exists."""
-    name, full = path[0], ".".join((*walked, *path))
-    keys = override_keys(root)
-    stage_fields = {f.name for f in fields(StageConfig)}
-    if isinstance(obj, ExperimentConfig) and len(path) > 1 and path[1] in stage_fields:
-        stages = ", ".join(f"`{s.name}`" for s in obj.stages)
-        typo = _closest(name, stage_names := [s.name for s in obj.stages], cutoff=0.75)
-        fix = ".".join(path[1:]) + "=" + item.partition("=")[2]
-        return (f"config `{obj.name}` has no stage `{name}`; "
-                + (f"its stages are {stages}" if stages else "it trains no stages")
-                + (f"; did you mean `{typo[0]}.{fix}`?" if len(typo) == 1 else
-                   f" (e.g. `{stage_names[0]}.{fix}`)" if stage_names else ""))
-    where = ("the config" if not walked else f"stage `{walked[-1]}`"
-             if isinstance(obj, StageConfig) else f"section `{'.'.join(walked)}`")
-    what = "section or stage" if isinstance(obj, ExperimentConfig) and len(path) > 1 else "field"
-    message = f"{where} has no {what} `{name}`"
-    # The right field name in the wrong place (`epochs` for `stage1.epochs`) beats a near spelling.
-    elsewhere = [k for k in keys if k.rsplit(".", 1)[-1] == path[-1]]
-    close = _closest(full, keys, cutoff=0.75)
-    if close and (not elsewhere or difflib.SequenceMatcher(None, full, close[0]).ratio() >= 0.9):
-        return message + _did_you_mean(full, keys, cutoff=0.75)
-    if elsewhere:
-        return message + "; did you mean " + " or ".join(f"`{k}`" for k in elsewhere[:3]) + "?"
-    stages = (f"; stages: {', '.join(s.name for s in obj.stages)}"
-              if isinstance(obj, ExperimentConfig) and obj.stages else "")
-    return message + f" (its fields: {', '.join(sorted(f.name for f in fields(obj)))}{stages})"
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -5,12 +5,7 @@ import argparse
 import json
 import logging
 
-from guie.config import apply_overrides
-from guie.configs import get_config, list_configs
-
-
-def _config(args: argparse.Namespace):
-    return apply_overrides(get_config(args.config), args.overrides)
+from guie.configs import list_configs, resolve_config
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -23,7 +18,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.in_process:
         from guie.pipeline import run_local
 
-        report = run_local(_config(args), args.out, resume=args.resume, compat=args.compat)
+        cfg = resolve_config(args.config, args.overrides)
+        report = run_local(cfg, args.out, resume=args.resume, compat=args.compat)
     else:
         from guie.kaggle.local_run import run_local_notebooks
 
@@ -48,7 +44,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from guie.pipeline import train
 
-    report = train(_config(args), args.out, resume=not args.restart, max_hours=args.max_hours)
+    cfg = resolve_config(args.config, args.overrides)
+    report = train(cfg, args.out, resume=not args.restart, max_hours=args.max_hours)
     print(json.dumps({k: v for k, v in report.items() if "per_domain" not in k}, indent=2))
     return 0 if report["status"] == "done" else 3
 
@@ -56,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from guie.pipeline import export_submission
 
-    print(export_submission(_config(args), args.checkpoint, args.out, compat=args.compat))
+    cfg = resolve_config(args.config, args.overrides)
+    print(export_submission(cfg, args.checkpoint, args.out, compat=args.compat))
     return 0
 
 

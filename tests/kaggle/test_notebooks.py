@@ -165,7 +165,7 @@ def test_check_training_run_refuses_another_or_an_unfinished_run(tmp_path):
 
 def test_kernel_config_applies_overrides_and_root():
     cfg = kernel_config("smoke", ["stage1.epochs=1"], "/kaggle/input")
-    assert cfg.stage1.epochs == 1 and cfg.data.root == "/kaggle/input"
+    assert cfg.stage("stage1").epochs == 1 and cfg.data.root == "/kaggle/input"
     assert kernel_config("smoke", []).data.root == get_config("smoke").data.root
 
 

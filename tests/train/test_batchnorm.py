@@ -39,7 +39,7 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 
 def _stage(s, **changes):
-    return replace(s.cfg.stage2, epochs=0.2, batch_size=8, eval_every_epochs=10, **changes)
+    return replace(s.cfg.stage("stage2"), epochs=0.2, batch_size=8, eval_every_epochs=10, **changes)
 
 
 def test_a_head_only_stage_leaves_the_trunk_statistics_alone(lite0_session, tmp_path):

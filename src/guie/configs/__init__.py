@@ -1,14 +1,18 @@
 """Shipped experiment configs: one module per experiment, each defining `CONFIG`.
 
 Each states only what differs from the defaults in `guie.config` (via `dataclasses.replace`).
+`resolve_config(name, overrides)` is the one way from what a user names (on the command line, in
+a kernel's parameters) to the config that runs.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
 import pkgutil
+from collections.abc import Sequence
 
-from guie.config import ConfigError, ExperimentConfig
+from guie.config import ExperimentConfig
+from guie.config_io import ConfigError, apply_overrides
 
 
 def list_configs() -> list[str]:
@@ -26,3 +30,9 @@ def get_config(name: str) -> ExperimentConfig:
                           + (f"; did you mean `{close[0]}`?" if close else "")
                           + f" (shipped: {', '.join(shipped)})")
     return importlib.import_module(f"{__name__}.{module_name}").CONFIG
+
+
+def resolve_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The shipped config `name` with the KEY=VALUE `overrides` applied in order; a mistake in
+    either is a one-line ConfigError that says what would be right."""
+    return apply_overrides(get_config(name), list(overrides))

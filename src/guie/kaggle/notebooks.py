@@ -86,11 +86,10 @@ def kernel_config(config_name: str, overrides: Sequence[str], data_root: str = "
                   input_root: str | None = None):
     """The experiment config a kernel runs: a shipped config, the overrides, the data root, and
     (input_root given) its Kaggle references resolved to where this session mounts them."""
-    from guie.config import apply_overrides
-    from guie.configs import get_config
+    from guie.configs import resolve_config
 
     extra = [f"data.root={data_root}"] if data_root else []
-    cfg = apply_overrides(get_config(config_name), [*overrides, *extra])
+    cfg = resolve_config(config_name, [*overrides, *extra])
     return resolve_config_inputs(cfg, input_root) if input_root is not None else cfg
 
 
