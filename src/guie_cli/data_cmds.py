@@ -22,7 +22,7 @@ DEFAULT_CONFIG = "third_place"  # the reference recipe
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from guie.data import fetch
-    from guie.data.tfrecord import DataError
+    from guie.data.errors import DataError
     from guie.kaggle.client import KaggleClient, KaggleError
 
     # Mistakes before any download (config, refs, options, credentials) reach main as one

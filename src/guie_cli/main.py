@@ -32,7 +32,7 @@ USER_ERROR_STATUS = 2
 # authentication help at import time).
 _USER_ERROR_TYPES = (
     ("guie.config", "ConfigError"),
-    ("guie.data.tfrecord", "DataError"),
+    ("guie.data.errors", "DataError"),
     ("guie.kaggle.answers", "KaggleError"),
     ("guie.kaggle.packaging", "PackagingError"),
     ("guie.kaggle.notebooks", "NotebookError"),

@@ -125,7 +125,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 def test_which_errors_are_the_users():
     from guie.config import ConfigError
-    from guie.data.tfrecord import DataError
+    from guie.data.errors import DataError
 
     assert user_error_message(ConfigError("bad")) == "bad"
     assert user_error_message(DataError("no shards")) == "no shards"

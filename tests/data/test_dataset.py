@@ -10,7 +10,8 @@ from guie.data.dataset import (
     ImageDataset, collate_skip_bad, decode_rgb, pil_to_uint8_tensor, read_bytes,
 )
 from guie.data.sources import merge_sources
-from guie.data.tfrecord import DataError, DataWarning, encode_example, index_shard, write_tfrecord
+from guie.data.errors import DataError, DataWarning
+from guie.data.tfrecord import encode_example, index_shard, write_tfrecord
 
 
 def _jpeg(w=40, h=30, color=(200, 30, 60)) -> bytes:
@@ -115,7 +116,7 @@ def test_read_bytes_file_and_record(mixed_table):
     assert read_bytes(mixed_table.path[0])[:2] == b"\xff\xd8"
 
 
-@pytest.mark.filterwarnings("ignore::guie.data.tfrecord.DataWarning")
+@pytest.mark.filterwarnings("ignore::guie.data.errors.DataWarning")
 def test_dataloader_with_workers(sample_data):
     root, sources = sample_data
     df = merge_sources(sources, root).sample(48, random_state=0).reset_index(drop=True)

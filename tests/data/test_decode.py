@@ -13,7 +13,7 @@ from guie.data.decode import (
     ResizeToTensor, as_pixels, decode_image, decode_pixels, draft_scale, resize_uint8,
 )
 from guie.data.preprocess import Preprocess
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 BIG = 1 << 30
 

@@ -9,7 +9,7 @@ import pytest
 from eval_photos import build_folders, build_gpr1200
 from guie.config import EvalSource
 from guie.data.eval_sources import drop_training_duplicates, load_eval_source
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 
 def test_gpr1200_layout_gives_classes_and_its_six_domains(tmp_path):

@@ -20,7 +20,8 @@ from guie.config import DataSource
 from guie.configs import get_config
 from guie.data import fetch
 from guie.data.fetch import MANIFEST, STATE, DatasetRef, FetchOptions, fetch_dataset
-from guie.data.tfrecord import DataError, encode_example, frame_record
+from guie.data.errors import DataError
+from guie.data.tfrecord import encode_example, frame_record
 
 # The Kaggle kit's fixtures (isolated home, fake credentials, the fake server, a client).
 _KAGGLE_TESTS = Path(__file__).resolve().parents[1] / "kaggle"

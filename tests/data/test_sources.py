@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 
 from guie.config import DataConfig, DataSource
+from guie.data.errors import DataError
 from guie.data.sources import (
-    COLUMNS, DataError, describe, filter_classes, load_source, load_split, merge_sources,
+    COLUMNS, describe, filter_classes, load_source, load_split, merge_sources,
     split_heldout,
 )
 from guie.data.tfrecord import encode_example, write_tfrecord

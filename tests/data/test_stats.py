@@ -12,7 +12,7 @@ from guie.config import DataConfig
 from guie.data.sources import filter_classes, merge_sources
 from guie.data.stats import (class_histogram, format_stats, missing_sources, require_sources,
                              write_stats)
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 
 def test_histogram_bins_cover_every_class():

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from guie.data import tfrecord as tfr
+from guie.data.errors import DataError, DataWarning
 from guie.data.tfrecord import (
-    DataError, DataWarning, encode_example, encode_features, frame_record, index_shard,
+    encode_example, encode_features, frame_record, index_shard,
     masked_crc32c, parse_example, read_record, write_tfrecord,
 )
 

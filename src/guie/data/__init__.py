@@ -1,11 +1,12 @@
 """Data layer: TFRecord shards and image folders -> one table -> training/validation images.
 
+- `errors`: `DataError` and `DataWarning`, shared by every data module and the command line.
 - `tfrecord`: record framing, CRC-32C, hand-written tf.train.Example codec, shard indexes.
 - `sources`: DataSource -> DataFrame, label filtering, held-out validation split.
 - `dataset`: decoding and a torch Dataset that skips damaged images.
 - `sample`: a small multi-domain instance-level data set built from packaged photos.
 - `preprocess`: the one resize + normalise shared by validation and the export.
 """
-from guie.data.tfrecord import DataError, DataWarning
+from guie.data.errors import DataError, DataWarning
 
 __all__ = ["DataError", "DataWarning"]

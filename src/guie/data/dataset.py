@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from guie.data.decode import decode_image, decode_pixels
-from guie.data.tfrecord import IMAGE_KEY, DataError, DataWarning, parse_example, read_record
+from guie.data.errors import DataError, DataWarning
+from guie.data.tfrecord import IMAGE_KEY, parse_example, read_record
 
 # Our own bomb guard (PIL's global MAX_IMAGE_PIXELS is left alone for other code): 8k x 8k
 # is far beyond any photo in these data sets and about 200 MB decoded.

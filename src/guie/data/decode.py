@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 try:
     import simplejpeg

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from guie.config import EvalSource
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # (first class number, one past the last, domain): the six parts GPR1200 itself names.

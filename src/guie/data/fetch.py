@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 import google_crc32c
 
 from guie.config import DataSource, from_dict
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 from guie.data.verify import VerificationError, expected_label_range, verify_source
 
 MANIFEST = "guie-manifest.json"

@@ -394,7 +394,8 @@ def load_sample_split(cfg) -> tuple:
     """`guie.data.sources.load_split` for the sample set (`cfg.sample_instances > 0`): build or
     reuse it under `cfg.root`, then hold out whole photos (`photo_split`), then filter the
     training part. Returns (Split, the held-out photos' names)."""
-    from guie.data.sources import DataError, Split, describe, filter_classes, merge_sources
+    from guie.data.errors import DataError
+    from guie.data.sources import Split, describe, filter_classes, merge_sources
 
     sources = build_sample_data(cfg.root, num_instances=cfg.sample_instances,
                                 views_per_instance=cfg.sample_views)

@@ -18,10 +18,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from guie.config import DataConfig, DataSource
-from guie.data.tfrecord import DataError, index_shard
+from guie.data.errors import DataError
+from guie.data.tfrecord import index_shard
 
-__all__ = ["DataError", "Split", "load_source", "merge_sources", "filter_classes",
-           "split_heldout", "load_split", "describe", "COLUMNS"]
+__all__ = ["Split", "load_source", "merge_sources", "filter_classes", "split_heldout", "load_split",
+           "describe", "COLUMNS"]
 
 COLUMNS = ("path", "offset", "length", "label", "domain", "source")
 _MAX_REPORTED_ERRORS = 5

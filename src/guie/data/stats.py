@@ -20,7 +20,7 @@ from guie.config import DataConfig, DataSource
 from guie.data.dataset import decode_rgb, read_bytes
 from guie.data.fetch import format_bytes, load_manifest
 from guie.data.sources import _resolve, filter_classes, merge_sources
-from guie.data.tfrecord import DataError
+from guie.data.errors import DataError
 
 # Images per class, bins [edge, next edge); the last bin is open.
 HISTOGRAM_EDGES = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500)

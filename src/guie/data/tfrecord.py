@@ -32,6 +32,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from guie.data.errors import DataError, DataWarning
+
 LABEL_KEY = "image/class/label"
 IMAGE_KEY = "image/encoded"
 DOMAIN_KEY = "image/domain"  # optional; our sample data sets write it, motono's shards do not
@@ -40,14 +42,6 @@ _FOOTER_BYTES = 4
 _MASK_DELTA = 0xA282EAD8
 _READ_BUFFER_BYTES = 1 << 20
 _MAX_OPEN_FILES = 128
-
-
-class DataError(Exception):
-    """Bad input data: the message names the file and the record, row or field at fault."""
-
-
-class DataWarning(UserWarning):
-    """A damaged record or image that was skipped."""
 
 
 if google_crc32c.implementation != "c":

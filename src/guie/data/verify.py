@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from guie.config import DataSource
 from guie.data.dataset import MAX_IMAGE_PIXELS
 from guie.data.sources import load_source
-from guie.data.tfrecord import IMAGE_KEY, DataError, DataWarning, index_shard, parse_example
+from guie.data.errors import DataError, DataWarning
+from guie.data.tfrecord import IMAGE_KEY, index_shard, parse_example
 
 _RECORD_HEADER_BYTES = 12  # uint64 length + its CRC before each record's payload
 _LABEL_RANGE = re.compile(r"label-(\d+)-(\d+)")
