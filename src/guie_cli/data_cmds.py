@@ -23,7 +23,8 @@ DEFAULT_CONFIG = "third_place"  # the reference recipe
 def cmd_fetch(args: argparse.Namespace) -> int:
     from guie.data import fetch
     from guie.data.errors import DataError
-    from guie.kaggle.client import KaggleClient, KaggleError
+    from guie.kaggle.client import KaggleClient
+    from guie.kaggle.results import KaggleError
 
     # Mistakes before any download (config, refs, options, credentials) reach main as one
     # `error:` line; a dataset failing below is reported and the others still download.

@@ -222,7 +222,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from guie.kaggle.client import COMPETITION, DailyCapReached, SubmissionRejected
+    from guie.kaggle.client import COMPETITION
+    from guie.kaggle.results import DailyCapReached, SubmissionRejected
     from guie.kaggle.history import submission_message
 
     state = load_state(args)

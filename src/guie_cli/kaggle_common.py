@@ -81,7 +81,7 @@ def read_json(path: Path) -> Any:
 
 def secrets_and_owner(args: argparse.Namespace):
     """(client or None, owner, secrets): --dry-run reads credentials locally, never connects."""
-    from guie.kaggle.client import CREATE_TOKEN, find_credentials, where_credentials_are_read
+    from guie.kaggle.credentials import CREATE_TOKEN, find_credentials, where_credentials_are_read
 
     if args.dry_run:
         credentials = find_credentials()

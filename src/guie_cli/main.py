@@ -33,7 +33,7 @@ USER_ERROR_STATUS = 2
 _USER_ERROR_TYPES = (
     ("guie.config", "ConfigError"),
     ("guie.data.errors", "DataError"),
-    ("guie.kaggle.answers", "KaggleError"),
+    ("guie.kaggle.results", "KaggleError"),
     ("guie.kaggle.packaging", "PackagingError"),
     ("guie.kaggle.notebooks", "NotebookError"),
     ("guie.kaggle.platform", "PlatformError"),

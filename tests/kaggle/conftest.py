@@ -47,7 +47,8 @@ def fake_kaggle(isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def client(fake_kaggle: FakeKaggle):
-    from guie.kaggle.client import KaggleClient, RetryPolicy
+    from guie.kaggle.client import KaggleClient
+    from guie.kaggle.results import RetryPolicy
 
     return KaggleClient.connect(retry=RetryPolicy(initial_delay_s=0.01, max_delay_s=0.05))
 

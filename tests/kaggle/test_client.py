@@ -10,9 +10,9 @@ import requests
 
 from conftest import KEY, USERNAME
 from fake_server import default_leaderboard
-from guie.kaggle.client import (AuthError, ConflictError, DailyCapReached, KaggleClient,
-                                KaggleError, NotFoundError, RetryPolicy, SubmissionRejected,
-                                render_log)
+from guie.kaggle.client import KaggleClient
+from guie.kaggle.results import (AuthError, ConflictError, DailyCapReached, KaggleError,
+                                 NotFoundError, RetryPolicy, SubmissionRejected, render_log)
 from guie.kaggle.notebooks import kernel_metadata
 
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 
-from guie.kaggle.client import LeaderboardEntry, Submission
+from guie.kaggle.results import LeaderboardEntry, Submission
 from guie.kaggle.history import (append_history, experiment_of, format_tables, plot_history,
                                  snapshot, submission_message)
 

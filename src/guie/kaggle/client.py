@@ -22,13 +22,13 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import requests
 
-from guie.kaggle.answers import (  # noqa: F401 (errors re-exported for callers)
+from guie.kaggle.credentials import (
+    CREATE_TOKEN, Credentials, find_credentials, import_kaggle_api, kaggle_config_dir,
+    where_credentials_are_read)
+from guie.kaggle.results import (
     AuthError, ConflictError, DailyCapReached, DatasetPush, KaggleError, KernelOutput, KernelPush,
     KernelStatus, LeaderboardEntry, NotFoundError, RetryPolicy, Submission, SubmissionReceipt,
     SubmissionRejected, http_status, is_transient, parse_score, render_log, retry_after_s)
-from guie.kaggle.credentials import (  # noqa: F401
-    CREATE_TOKEN, Credentials, find_credentials, import_kaggle_api, kaggle_config_dir,
-    where_credentials_are_read)
 
 COMPETITION = "google-universal-image-embedding"
 T = TypeVar("T")

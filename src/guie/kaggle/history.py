@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from guie.kaggle.client import LeaderboardEntry, Submission
+from guie.kaggle.results import LeaderboardEntry, Submission
 
 COLUMNS = ["fetched_at", "kind", "ref", "date", "experiment", "description", "status",
            "public_score", "private_score", "rank", "team_name"]

@@ -1,4 +1,5 @@
-"""What the Kaggle wrapper answers with: typed results, errors, and the retry policy."""
+"""What a call of the Kaggle wrapper results in: a typed result or a `KaggleError`; and the retry
+policy, with the helpers that read an error's HTTP status and decide whether to try again."""
 from __future__ import annotations
 
 import json
