@@ -10,7 +10,8 @@ from guie.configs import get_config, list_configs, resolve_config
 
 def test_overrides_are_typed_and_nested():
     cfg = apply_overrides(ExperimentConfig(), ["stage2.lr_backbone=2e-6", "--model.dropout=0.1",
-                                               "stage1.augment=[\"hflip\"]", "export.compat=torch1.11"])
+                                               "stage1.augment=[\"hflip\"]",
+                                               "export.compat=torch1.11"])
     assert cfg.stage("stage2").lr_backbone == 2e-6 and cfg.model.dropout == 0.1
     assert cfg.stage("stage1").augment == ("hflip",) and cfg.export.compat == "torch1.11"
 

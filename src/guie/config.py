@@ -47,7 +47,8 @@ class EvalSource:
     # to it); gpr1200: GPR1200's images/<class>_<name>.jpg, domains from its class ranges.
     kind: Literal["folders", "csv", "gpr1200"]
     location: str  # relative locations resolve against the data root
-    domain: str = ""  # every image's domain ("" = the source's name); gpr1200 and csv give their own
+    # Every image's domain ("" = the source's name); gpr1200 and csv give their own.
+    domain: str = ""
     # 0: leave-one-out, every image queries all others (GPR1200's protocol); N: the first N
     # images of each class (by path) query the rest.
     queries_per_class: int = 0

@@ -9,7 +9,8 @@ from guie.configs import list_configs, resolve_config
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--config", default=default, help=f"shipped config ({', '.join(list_configs())})")
+    p.add_argument("--config", default=default,
+                   help=f"shipped config ({', '.join(list_configs())})")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. stage1.epochs=10 model.dropout=0.1")
 

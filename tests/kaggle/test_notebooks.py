@@ -6,16 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from guie.config import apply_overrides
-from guie.configs import get_config
 from guie.config import DataSource
+from guie.config_io import apply_overrides
+from guie.configs import get_config
 from guie.kaggle.emulate import mount_folder, mount_notebook_output, mount_point
 from guie.kaggle.inputs import InputNotFound
 from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, check_training_run,
@@ -57,7 +56,8 @@ def test_templates_are_clean_v4_notebooks(name):
         assert cell.cell_type == "code" and cell.outputs == [] and cell.execution_count is None
         assert len(cell.source.splitlines()) <= 9  # short cells that only call into guie
     code = "\n".join(c.source for c in nb.cells[3:])
-    imports = [line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))]
+    imports = [line.split()[1] for line in code.splitlines()
+               if line.startswith(("import ", "from "))]
     assert {i.split(".")[0] for i in imports} <= {"sys", "os", "warnings", "guie", "json"}
 
 
@@ -90,7 +90,8 @@ def test_plan_metadata(kaggle_cfg):
 
 def test_plan_resume_and_extra_datasets(kaggle_cfg):
     plans = plans_for(kaggle_cfg, resume_kernel="me/guie-train-smoke-part1",
-                      extra_datasets=["me/guie-weights-vit-h-14"], private=False, train_internet=True)
+                      extra_datasets=["me/guie-weights-vit-h-14"], private=False,
+                      train_internet=True)
     train = plans["train"]
     assert train.metadata["kernel_sources"] == ["me/guie-train-smoke-part1"]
     assert train.parameters["resume_input"] == "notebook:me/guie-train-smoke-part1"
@@ -179,10 +180,11 @@ def test_kernel_config_resolves_data_and_weights_references(tmp_path, layout):
     (weights / "open_clip_pytorch_model.bin").write_bytes(b"w")
     sources = (DataSource("glr", "tfrecord", "glr-mini-tfrecords/train",
                           kaggle_slug="someone/glr-mini-tfrecords"),)
+    smoke = get_config("smoke")
+    reference = "kaggle:me/guie-weights-vit/open_clip_pytorch_model.bin"
     cfg = resolve_config_inputs(
-        replace(get_config("smoke"), data=replace(get_config("smoke").data, sources=sources),
-                model=replace(get_config("smoke").model,
-                              pretrained_path="kaggle:me/guie-weights-vit/open_clip_pytorch_model.bin")),
+        replace(smoke, data=replace(smoke.data, sources=sources),
+                model=replace(smoke.model, pretrained_path=reference)),
         str(inputs))
     assert cfg.data.sources[0].location == str(data / "train")
     assert cfg.model.pretrained_path == str(weights / "open_clip_pytorch_model.bin")
@@ -191,8 +193,8 @@ def test_kernel_config_resolves_data_and_weights_references(tmp_path, layout):
 
 
 def test_plans_attach_the_weights_a_config_references(kaggle_cfg):
-    cfg = replace(kaggle_cfg, model=replace(kaggle_cfg.model,
-                                            pretrained_path="kaggle:me/guie-weights-vit-h-14/w.bin"))
+    reference = "kaggle:me/guie-weights-vit-h-14/w.bin"
+    cfg = replace(kaggle_cfg, model=replace(kaggle_cfg.model, pretrained_path=reference))
     for plan in plans_for(cfg).values():
         assert "me/guie-weights-vit-h-14" in plan.metadata["dataset_sources"]
 
@@ -203,7 +205,8 @@ def test_bootstrap_cells_run_against_a_packed_source(kaggle_cfg, tmp_path, layou
     """The notebook's first cells in a fresh interpreter, against the source dataset mounted as
     uploaded (src/ as src.zip) in either layout, unpacked or kept as a zip."""
     packed = pack_source(REPO / "src" / "guie", tmp_path / "built" / "guie-kit-src",
-                         REPO / "datasets-metadata" / "guie-src" / "dataset-metadata.json", "me", [])
+                         REPO / "datasets-metadata" / "guie-src" / "dataset-metadata.json", "me",
+                         [])
     mounted = mount_folder(packed.folder, SOURCES[0], tmp_path / "input", layout, archives)
     assert (mounted / "src.zip").is_file() == (archives == "zip")
     wheels = tmp_path / "built" / "wheels"
@@ -269,7 +272,8 @@ def test_recipe_weights_name_the_dataset_push_weights_creates(tmp_path):
 def test_evaluation_sources_on_kaggle_are_attached_and_resolved(kaggle_cfg, tmp_path):
     from guie.config import EvalSource
 
-    bench = EvalSource("gpr", "gpr1200", "gpr1200-benchmark", kaggle_slug="someone/gpr1200-benchmark")
+    bench = EvalSource("gpr", "gpr1200", "gpr1200-benchmark",
+                       kaggle_slug="someone/gpr1200-benchmark")
     cfg = replace(kaggle_cfg, data=replace(kaggle_cfg.data, eval_sources=(bench,)))
     plans = plans_for(cfg)
     assert "someone/gpr1200-benchmark" in plans["train"].metadata["dataset_sources"]

@@ -1,11 +1,12 @@
 """4th place's second backbone: the same 1-epoch recipe on OpenAI's ViT-L-14 at 336 px.
 
 Train it into its own folder, then name that folder in the ViT-H run's export,
-`submit.py export --config fourth_place --checkpoint runs/vit-h 'export.concat=["runs/vit-l"]'`: both models' unit
-embeddings concatenated, PCA to 64 fitted on the concatenation (`export.concat`). OpenAI's
-weights use QuickGELU, hence the -quickgelu config; the weights are an open_clip-format copy
-uploaded with `push-weights` (a `kaggle:` reference, attached by `push`). The layer-wise LR spans ViT-L's 24 blocks with the
-published end points (1.25e-6 .. 1e-5).
+`submit.py export --config fourth_place --checkpoint runs/vit-h 'export.concat=["runs/vit-l"]'`:
+both models' unit embeddings concatenated, PCA to 64 fitted on the concatenation
+(`export.concat`). OpenAI's weights use QuickGELU, hence the -quickgelu config; the weights are
+an open_clip-format copy uploaded with `push-weights` (a `kaggle:` reference, attached by
+`push`). The layer-wise LR spans ViT-L's 24 blocks with the published end points
+(1.25e-6 .. 1e-5).
 """
 from dataclasses import replace
 

@@ -30,7 +30,8 @@ COMPETITION = "google-universal-image-embedding"
 KAGGLE_WORKING = "/kaggle/working"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "kernels"  # the repository's kernels/
-OWNER_PLACEHOLDER = "KAGGLE_USERNAME"  # in shipped configs' kaggle: references, as in datasets-metadata
+# In shipped configs' kaggle: references, as in datasets-metadata.
+OWNER_PLACEHOLDER = "KAGGLE_USERNAME"
 EXPORT_MARKER = "guie-export.json"  # beside submission.zip: the training run it came from
 INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module it names
 Kind = Literal["train", "infer", "probe"]
@@ -75,7 +76,8 @@ def resolve_config_inputs(cfg, input_root: str):
         return replace(src, location=str(folder / inner) if inner not in ("", ".") else str(folder))
     data = replace(cfg.data, sources=tuple(map(located, cfg.data.sources)),
                    eval_sources=tuple(map(located, cfg.data.eval_sources)))
-    model = replace(cfg.model, pretrained_path=resolve_kaggle_path(cfg.model.pretrained_path, input_root))
+    model = replace(cfg.model,
+                    pretrained_path=resolve_kaggle_path(cfg.model.pretrained_path, input_root))
     export = replace(cfg.export,
                      soup=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.soup),
                      concat=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.concat))
@@ -317,7 +319,8 @@ def build_notebook(template: str | Path, parameters: dict[str, Any], out_path: s
     return nb
 
 
-def write_kernel(plan: KernelPlan, out_dir: str | Path, templates_dir: str | Path = TEMPLATES_DIR) -> Path:
+def write_kernel(plan: KernelPlan, out_dir: str | Path,
+                 templates_dir: str | Path = TEMPLATES_DIR) -> Path:
     """dest/<slug>/{<kind>.ipynb, kernel-metadata.json}, replacing what was there."""
     folder = Path(out_dir) / plan.slug
     if folder.exists():
