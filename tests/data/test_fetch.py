@@ -1,6 +1,7 @@
 """`data fetch` through the real kaggle client against the local fake Kaggle server."""
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import io
@@ -333,3 +334,15 @@ def test_plan_checks_locations_and_default_config_names_the_reference_sets():
     with pytest.raises(ValueError, match="owner/slug"):
         DatasetRef.parse("just-a-slug")
     assert DatasetRef.parse("o/s/3") == DatasetRef("o", "s", 3)
+
+
+def test_the_data_layer_imports_nothing_of_the_kaggle_layer():
+    """`fetch` reaches Kaggle only through the host it is given (guie.data.remote.DatasetHost)."""
+    offenders = []
+    for path in sorted(Path(fetch.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in (
+                "kaggle", "kagglesdk") or n.startswith("guie.kaggle")]
+    assert offenders == []

@@ -4,17 +4,17 @@ Dataset owner/slug lands in `<dest>/<slug>/`, the folder Kaggle mounts under /ka
 config's source locations resolve the same way locally (`data.root=<dest>`) and on Kaggle.
 
 Per dataset:
-1. GetDataset (its current version) and ListDatasetFiles of that version. A dataset whose files
-   fit in one listing page (TFRecord shards) is downloaded file by file, so a complete file is
-   skipped; a bigger one (image folders) as one archive of the version.
-2. Downloads go through the official client's `download_file`, which resumes a partial file with a
-   Range request when the server answers `Accept-Ranges: bytes` and the partial's ETag marker
-   (`<file>.kaggle-partial`) still matches. A finished file is checked against the server's
+1. GetDataset (its current version) and ListDatasetFiles of that version, through the host
+   (`guie.data.remote.DatasetHost`: the Kaggle client). A dataset whose files fit in one listing
+   page (TFRecord shards) is downloaded file by file, so a complete file is skipped; a bigger one
+   (image folders) as one archive of the version.
+2. The host resumes a partial download (the official client's `download_file`: a Range request
+   while the partial's ETag marker still matches). A finished file is checked against the server's
    `x-goog-hash` (crc32c, else md5) where given; zips are unpacked (members with absolute paths,
    `..` or links are refused) and deleted. Each finished file is recorded in STATE.
-3. Every source is verified (guie.data.verify): the CRC of every record, decoding of every image (or a sampled
-   share), labels inside the range a motono-style name promises (`label-A-B`) and below the
-   config's num_classes.
+3. Every source is verified (guie.data.verify): the CRC of every record, decoding of every image
+   (or a sampled share), labels inside the range a motono-style name promises (`label-A-B`) and
+   below the config's num_classes.
 4. Only then MANIFEST is written; its presence marks the dataset complete. A failed check deletes
    the files at fault (the next fetch downloads them again) and leaves no manifest.
 A second fetch of an unchanged dataset makes the two listing calls and downloads nothing.
@@ -22,7 +22,6 @@ A second fetch of an unchanged dataset makes the two listing calls and downloads
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -36,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
 
 import google_crc32c
 
 from guie.config import DataSource, from_dict
 from guie.data.errors import DataError
+from guie.data.remote import DatasetHost
 from guie.data.verify import VerificationError, expected_label_range, verify_source
 
 MANIFEST = "guie-manifest.json"
@@ -50,7 +49,6 @@ FORMAT = "guie-data-manifest/1"
 PAGE_SIZE = 200  # more files than one page: download the version as one archive
 ARCHIVE_KEY = "*"  # the state's key for a whole-version archive
 _TFRECORD_SUFFIXES = (".tfrec", ".tfrecord", ".tfrecords")
-
 
 
 @dataclass(frozen=True)
@@ -112,71 +110,6 @@ def plan(sources) -> tuple[list[tuple[DatasetRef, tuple[DataSource, ...]]], list
                             f"set location to {dref.slug!r} or '{dref.slug}/...'")
         groups.setdefault(dref, []).append(src)
     return [(d, tuple(s)) for d, s in groups.items()], unfetchable
-
-
-# ----------------------------------------------------------------------------- Kaggle calls
-
-
-def _dataset_info(client, dref: DatasetRef):
-    from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
-
-    def get():
-        with client.api.build_kaggle_client() as kaggle:
-            request = ApiGetDatasetRequest()
-            request.owner_slug, request.dataset_slug = dref.owner, dref.slug
-            return kaggle.datasets.dataset_api_client.get_dataset(request)
-    return client.read(f"dataset {dref.ref}", get)
-
-
-def _list_files(client, dref: DatasetRef, version: int | None) -> tuple[list, bool]:
-    """(first page of files, whether that page is all of them)."""
-    from guie.kaggle.client import KaggleError
-
-    spec = dref.ref + (f"/{version}" if version else "")
-    answer = client.read(f"list files of {spec}", lambda: client.api.dataset_list_files(
-        spec, page_size=PAGE_SIZE))
-    if answer.error_message:
-        raise KaggleError(f"list files of {spec}: {answer.error_message}")
-    return list(answer.dataset_files or []), not answer.next_page_token
-
-
-def _download(client, dref: DatasetRef, version: int | None, file_name: str | None,
-              folder: Path, progress: bool) -> tuple[Path, dict]:
-    """Download one file (or the version's archive) into its place under `folder` with the
-    client's resumable `download_file`; returns the path and the response headers."""
-    from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
-
-    from guie.kaggle.client import KaggleError
-
-    what = f"{dref.ref} v{version}: {file_name or 'archive'}"
-
-    def start():
-        with client.api.build_kaggle_client() as kaggle:
-            request = ApiDownloadDatasetRequest()
-            request.owner_slug, request.dataset_slug = dref.owner, dref.slug
-            request.dataset_version_number, request.file_name = version, file_name
-            return kaggle.datasets.dataset_api_client.download_dataset(request), kaggle.http_client()
-
-    response, http = client.read(f"download {what}", start)
-    try:
-        # Like the client: the file is named after the storage URL it was redirected to, which
-        # ends in ".zip" where Kaggle serves a file compressed.
-        name = unquote(PurePosixPath(urlsplit(response.url).path).name)
-        if name in ("", ".", "..", MANIFEST, STATE):
-            raise KaggleError(f"download {what}: refusing the file name {name!r}")
-        parent = folder / _safe_relpath(file_name, what).parent if file_name else folder
-        path = parent / name
-        headers = dict(response.headers)
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # the client prints its progress
-                client.api.download_file(response, str(path), http, quiet=not progress,
-                                         resume=True)
-        except (OSError, ValueError) as e:  # requests' and urllib3's errors are OSErrors
-            raise KaggleError(f"download {what}: {e}. The partial file {path} is kept: run the "
-                              "same command again to resume it") from e
-    finally:
-        response.close()
-    return path, headers
 
 
 # ----------------------------------------------------------------------------- files
@@ -318,16 +251,16 @@ def detect_sources(folder: Path, dref: DatasetRef) -> tuple[DataSource, ...]:
 # ----------------------------------------------------------------------------- fetching
 
 
-def fetch_dataset(client, dref: DatasetRef, sources: tuple[DataSource, ...] = (),
+def fetch_dataset(client: DatasetHost, dref: DatasetRef, sources: tuple[DataSource, ...] = (),
                   options: FetchOptions = FetchOptions()) -> FetchResult:
     """Download what is missing of one dataset, verify it and write its manifest (see the
     module doc). `sources`: what the config says it holds; empty: detected after download."""
     log = (lambda msg: print(msg, file=sys.stderr)) if options.progress else (lambda msg: None)
     folder = Path(options.dest) / dref.slug
     folder.mkdir(parents=True, exist_ok=True)
-    info = _dataset_info(client, dref)
-    version = dref.version or info.current_version_number
-    listing, whole = _list_files(client, dref, version)
+    info = client.dataset_info(dref.ref)
+    version = dref.version or info.current_version
+    listing, whole = client.dataset_files(dref.ref, version, PAGE_SIZE)
     if whole and not listing:
         raise DataError(f"{dref.ref} v{version}: the dataset has no files")
     wanted = ({_safe_relpath(f.name, dref.ref).as_posix(): f.total_bytes for f in listing}
@@ -359,8 +292,10 @@ def fetch_dataset(client, dref: DatasetRef, sources: tuple[DataSource, ...] = ()
         log(f"{dref.ref} v{version}: downloading {len(todo)} of {len(wanted)} file(s), "
             f"{format_bytes(sum(wanted[k] for k in todo))}, into {folder}")
     for key in todo:
-        path, headers = _download(client, dref, version, None if key == ARCHIVE_KEY else key,
-                                  folder, options.progress)
+        file_name = None if key == ARCHIVE_KEY else key
+        into = folder / PurePosixPath(key).parent if file_name else folder  # a safe path: listed
+        path, headers = client.download_dataset_file(dref.ref, version, file_name, into,
+                                                     (MANIFEST, STATE), options.progress)
         crc = _check_download(path, headers, f"{dref.ref} v{version}: {key}")
         os.utime(path)  # a fresh mtime: cached shard indexes of an earlier copy no longer match
         record = {"version": version, "remote_bytes": wanted[key],

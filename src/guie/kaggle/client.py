@@ -25,6 +25,7 @@ import requests
 from guie.kaggle.credentials import (
     CREATE_TOKEN, Credentials, find_credentials, import_kaggle_api, kaggle_config_dir,
     where_credentials_are_read)
+from guie.kaggle.dataset_host import DatasetHostCalls
 from guie.kaggle.results import (
     AuthError, ConflictError, DailyCapReached, DatasetPush, KaggleError, KernelOutput, KernelPush,
     KernelStatus, LeaderboardEntry, NotFoundError, RetryPolicy, Submission, SubmissionReceipt,
@@ -37,7 +38,7 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- the client
 
 
-class KaggleClient:
+class KaggleClient(DatasetHostCalls):
     def __init__(self, api: Any, credentials: Credentials, competition: str = COMPETITION,
                  retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep):
         self.api = api
@@ -144,16 +145,9 @@ class KaggleClient:
 
     def dataset_version(self, ref: str) -> int | None:
         """The dataset's current version number (GetDataset), or None if it does not exist."""
-        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
-
-        owner, slug = ref.split("/")
-
-        def get() -> Any:
-            request = ApiGetDatasetRequest()
-            request.owner_slug, request.dataset_slug = owner, slug
-            return self._sdk_call(lambda k: k.datasets.dataset_api_client.get_dataset(request))
         try:
-            return int(self.read(f"dataset info {ref}", get).current_version_number) or None
+            answer = self._get_dataset(ref, f"dataset info {ref}")
+            return int(answer.current_version_number) or None
         except NotFoundError:
             return None
 
