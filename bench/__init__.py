@@ -1,4 +1,4 @@
-"""Benchmark suite: `python -m guie.bench [--quick] [--gpu] [--json PATH]`.
+"""Benchmark suite: `python -m bench [--quick] [--gpu] [--json PATH]` from the repository root.
 
 Each benchmark runs the kit's fast path against a baseline side by side in the same process
 (interleaved repeats, medians: `common.interleaved`) and returns table rows (`common.Figure`):
@@ -11,9 +11,10 @@ Each benchmark runs the kit's fast path against a baseline side by side in the s
 4. `export_bench`: `saved_model.pt` vs the eager model.
 5. `gpu_bench` (`--gpu`): ViT-H-14 training MFU, largest batches, inference throughput.
 
-`estimates` holds the Kaggle T4/P100 estimates, from published anchors. Results of full runs
-live in bench/ at the repository root.
+The Kaggle T4/P100 estimates come from published anchors (`guie.plan.estimates`). Results of
+full runs live beside this code (JSON). Kept outside `src/guie` so the source dataset the
+Kaggle kernels receive does not carry it.
 """
-from guie.bench.common import BenchResult, Figure
+from bench.common import BenchResult, Figure
 
 __all__ = ["BenchResult", "Figure"]

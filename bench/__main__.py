@@ -1,4 +1,4 @@
-"""`python -m guie.bench [--quick] [--gpu] [--json PATH] [--only NAMES]`.
+"""`python -m bench [--quick] [--gpu] [--json PATH] [--only NAMES]`.
 
 Prints the table (figure, ours, baseline, unit, ratio, goal, pass) and writes the figures with a
 description of the machine as JSON. Exit status 0 when every evaluated goal passes, 1 otherwise.
@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from guie.bench.report import text_table, write_json
-from guie.bench.suite import ALL_BENCHMARKS, CPU_BENCHMARKS, FULL, QUICK, Sizes, run_suite
+from bench.report import text_table, write_json
+from bench.suite import ALL_BENCHMARKS, CPU_BENCHMARKS, FULL, QUICK, Sizes, run_suite
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m guie.bench",
+        prog="python -m bench",
         description="Benchmark the kit's fast paths against their baselines, side by side.")
     parser.add_argument("--quick", action="store_true",
                         help="fewer images and repeats: under a minute on 2 CPU cores")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from guie.bench.common import BenchResult, Figure, interleaved, rounded, timed
+from bench.common import BenchResult, Figure, interleaved, rounded, timed
 from guie.data.dataset import ImageDataset, collate_skip_bad, pil_to_uint8_tensor, read_bytes
 from guie.data.decode import ResizeToTensor
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from guie.bench.common import BenchResult, Figure, interleaved, rounded
+from bench.common import BenchResult, Figure, interleaved, rounded
 from guie.configs import get_config
 from guie.export import build_submission_model, script_and_save
 from guie.export_compat import compat_from_submission, save_compat_export

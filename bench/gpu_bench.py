@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from guie.bench.common import BenchResult, Figure, rounded
+from bench.common import BenchResult, Figure, rounded
 from guie.config import ExperimentConfig
 
 VIT_H_FORWARD_GFLOP = 334.6  # per 224 px image (field guide section 7); training ~3x
@@ -158,7 +158,7 @@ def export_variants(model, preprocess, workdir: Path):
 def run(workdir: Path, quick: bool) -> BenchResult:
     if not torch.cuda.is_available():
         return skipped("no CUDA device")
-    from guie.bench.stage1_bench import reference_schedule
+    from bench.stage1_bench import reference_schedule
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -19,7 +19,7 @@ import importlib.util
 import numpy as np
 import torch
 
-from guie.bench.common import BenchResult, Figure, interleaved, peak_rss_growth_bytes, rounded
+from bench.common import BenchResult, Figure, interleaved, peak_rss_growth_bytes, rounded
 from guie import metrics
 from guie.metrics import evaluate_embeddings, knn
 

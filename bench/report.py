@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guie.bench.common import Figure
+from bench.common import Figure
 
 COLUMNS = ("figure", "ours", "baseline", "unit", "ratio", "goal", "pass")
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from guie.bench.common import BenchResult, Figure, interleaved, rounded
+from bench.common import BenchResult, Figure, interleaved, rounded
 from guie.configs import get_config
 from guie.data.augment import EvalTransform, TrainTransform
 from guie.data.dataset import ImageDataset, collate_skip_bad

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from guie.bench.common import BenchResult, torch_threads
-from guie.bench.estimates import kaggle_estimates
-from guie.bench.machine import describe_machine
-from guie.bench.report import goals_summary
+from bench.common import BenchResult, torch_threads
+from guie.plan.estimates import kaggle_estimates
+from bench.machine import describe_machine
+from bench.report import goals_summary
 
 CPU_BENCHMARKS = ("decode", "stage1", "knn", "export")
 ALL_BENCHMARKS = CPU_BENCHMARKS + ("gpu",)
@@ -42,7 +42,7 @@ FULL = Sizes(decode_images=256, loader_epochs=3, stage1_images=1024, reference_r
 
 
 def _photo_table(workdir: Path, count: int):
-    from guie.bench.photos import photo_jpegs, write_shard
+    from bench.photos import photo_jpegs, write_shard
 
     return write_shard(photo_jpegs(count), workdir / "photos.tfrec", max(1, count // 4))
 
@@ -51,30 +51,30 @@ def _run_one(name: str, sizes: Sizes, workdir: Path, photos, quick: bool) -> Ben
     # Figures 1, 2 and 4 are per core (one torch thread, like a DataLoader worker); the k-NN
     # figure gives both sides every core, as faiss takes them by default.
     if name == "decode":
-        from guie.bench import decode_bench
+        from bench import decode_bench
 
         with torch_threads(1):
             return decode_bench.run(photos.iloc[:sizes.decode_images].reset_index(drop=True),
                                     sizes.repeats, sizes.loader_epochs)
     if name == "stage1":
-        from guie.bench import stage1_bench
+        from bench import stage1_bench
 
         with torch_threads(1):
             return stage1_bench.run(photos.iloc[:sizes.stage1_images].reset_index(drop=True),
                                     workdir, sizes.repeats, sizes.reference_rows,
                                     sizes.reference_steps)
     if name == "knn":
-        from guie.bench import knn_bench
+        from bench import knn_bench
 
         return knn_bench.run(sizes.knn_repeats, sizes.knn_queries, sizes.knn_index)
     if name == "export":
-        from guie.bench import export_bench
+        from bench import export_bench
 
         with torch_threads(1):
             return export_bench.run(workdir, sizes.export_repeats,
                                     sizes.export_cases or export_bench.CASES)
     if name == "gpu":
-        from guie.bench import gpu_bench
+        from bench import gpu_bench
 
         return gpu_bench.run(workdir, quick)
     raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(ALL_BENCHMARKS)})")
@@ -82,7 +82,7 @@ def _run_one(name: str, sizes: Sizes, workdir: Path, photos, quick: bool) -> Ben
 
 def run_suite(names: tuple[str, ...], sizes: Sizes, quick: bool, log=print) -> tuple[dict, list]:
     started = time.perf_counter()
-    document = {"suite": "guie.bench", "mode": "quick" if quick else "full",
+    document = {"suite": "bench", "mode": "quick" if quick else "full",
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "machine": describe_machine(), "sizes": asdict(sizes), "benchmarks": {}}
     figures = []
@@ -92,7 +92,7 @@ def run_suite(names: tuple[str, ...], sizes: Sizes, quick: bool, log=print) -> t
         if {"decode", "stage1"} & set(names):
             photos = _photo_table(workdir, max(sizes.decode_images, sizes.stage1_images))
         for name in names:
-            log(f"[guie.bench] {name} ...")
+            log(f"[bench] {name} ...")
             start = time.perf_counter()
             result = _run_one(name, sizes, workdir, photos, quick)
             elapsed = time.perf_counter() - start

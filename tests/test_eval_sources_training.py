@@ -16,7 +16,8 @@ from guie.config import EvalSource
 from guie.configs import get_config
 from guie.data.augment import EvalTransform
 from guie.data.eval_sources import load_eval_source
-from guie.pipeline import load_trained, train
+from guie.export.build import load_trained
+from guie.pipeline import train
 from guie.train.features import compute_features
 from guie_cli.main import main
 from test_benchmark import official

@@ -18,7 +18,8 @@ from torch import nn
 
 from guie.backbones import (Backbone, TimmTrunkBackbone, VisionTransformerBackbone, backbone_of,
                             resolve_preprocess)
-from guie.config import TINY_BACKBONE, ExperimentConfig, ModelConfig  # noqa: F401 (re-exported)
+from guie.config import TINY_BACKBONE  # noqa: F401 (re-exported)
+from guie.config import ExperimentConfig, ModelConfig, StageConfig
 from guie.data.preprocess import Preprocess
 from guie.weights import LITE0_FILE, check_strict, is_lite0_package_state, to_timm_trunk
 
@@ -320,3 +321,10 @@ def set_resolution(model: EmbeddingModel, preprocess: Preprocess, image_size_px:
     0: the patch size). Idempotent; 0 keeps the current size. What a backbone cannot do is
     an error (`guie.backbones`)."""
     backbone(model).set_resolution(preprocess, image_size_px, patch_stride_px)
+
+
+def apply_stage_resolution(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Preprocess,
+                           stage: StageConfig) -> None:
+    """The stage's input size and patch stride (0: the config's size, the backbone's stride)."""
+    set_resolution(model, preprocess, stage.image_size_px or cfg.preprocess.image_size,
+                   stage.patch_stride_px or backbone(model).default_patch_stride)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
+def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0.0
     for stage, rows in history.groupby("stage", sort=False):

@@ -36,7 +36,7 @@ def parse_source(text: str) -> EvalSource:
 def _model_file(model: Path, config_name: str | None, overrides: list[str], out: Path) -> Path:
     if model.is_dir():  # a training output: export it first, so what is scored is what ships
         from guie.config import load_config
-        from guie.pipeline import export_submission
+        from guie.export.build import export_submission
 
         saved = model / "config.json"
         if not saved.is_file() and not config_name:
@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     embedder = Embedder(_model_file(Path(args.model), args.config, args.overrides, out))
     train = None
     if cfg is not None:
-        from guie.pipeline import load_experiment_split
+        from guie.experiment import load_experiment_split
 
         train = load_experiment_split(cfg.data)[0].train
     report = {}

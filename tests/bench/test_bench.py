@@ -4,12 +4,14 @@ import json
 import pytest
 import torch
 
-from guie.bench import common, gpu_bench
-from guie.bench.__main__ import main, parse_args
-from guie.bench.common import Figure, Paired, interleaved
-from guie.bench.estimates import kaggle_estimates
-from guie.bench.report import goals_summary, markdown_table, text_table
-from guie.bench.suite import CPU_BENCHMARKS, Sizes
+from bench import common, gpu_bench
+from bench.__main__ import main, parse_args
+from bench.common import Figure, Paired, interleaved
+from bench.report import goals_summary, markdown_table, text_table
+from bench.suite import CPU_BENCHMARKS, Sizes
+from guie.kaggle.build import PACKAGE_DIR
+from guie.kaggle.packaging import package_tree
+from guie.plan.estimates import kaggle_estimates
 
 TINY = Sizes(decode_images=4, loader_epochs=1, stage1_images=8, reference_rows=512,
              reference_steps=1, knn_queries=20, knn_index=2_000, repeats=1, knn_repeats=1,
@@ -101,6 +103,12 @@ def test_whole_suite_in_process_writes_the_json(tmp_path, capsys):
     assert "decode_speedup" in printed and "goals:" in printed
 
 
+def test_the_packed_kaggle_source_carries_no_benchmark_suite():
+    """The kernels never run the suite: the source dataset they receive leaves it out."""
+    packed = sorted(rel for rel in package_tree(PACKAGE_DIR) if rel.startswith("bench/"))
+    assert packed in ([], ["bench/__init__.py"])  # at most the estimates re-export
+
+
 def test_common_has_no_global_side_effects():
     before = torch.get_num_threads()
     with common.torch_threads(1):
@@ -113,7 +121,7 @@ def test_knn_fast_path_matches_faiss_and_brute_force():
     super-groups, two worker threads), plus leave-one-out against a float64 brute force."""
     import faiss
 
-    from guie.bench.knn_bench import make_data
+    from bench.knn_bench import make_data
     from guie.metrics import knn
 
     queries, _, index, _ = make_data(num_queries=300, num_index=40_000)

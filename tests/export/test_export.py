@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig
-from guie.export import CONTRACT_SHAPES, check_contract, export_submission_zip
+from guie.export.script import CONTRACT_SHAPES, check_contract, export_submission_zip
 from guie.model import build_model
 
 TINY = ExperimentConfig(model=ModelConfig(backbone="guie-tiny-vit", head="multi_dropout",
@@ -113,7 +113,7 @@ def _sizes(pixels):
 
 @pytest.mark.parametrize("tta", [("flip",), ("flip", "aspect_crops")])
 def test_scripted_tta_equals_eager_tta(tmp_path, tta):
-    from guie.export import build_submission_model, script_and_save
+    from guie.export.script import build_submission_model, script_and_save
 
     model, preprocess = build_model(TINY)
     model.eval()
@@ -215,7 +215,7 @@ def test_every_export_option_passes_the_contract_in_a_fresh_process(tmp_path):
 def test_concat_export_equals_eager_concatenation(tmp_path):
     """4th place's two towers: each with its own input size, head and width; their unit
     embeddings concatenated, PCA fitted on the concatenation, the result L2-normalised."""
-    from guie.export import export_concat_submission_zip
+    from guie.export.script import export_concat_submission_zip
     from guie.reduction import fit_reduction
 
     first, first_pre = build_model(ASPECT)

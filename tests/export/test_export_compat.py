@@ -25,10 +25,11 @@ from torch import nn
 
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig
 from guie.data.preprocess import Preprocess
-from guie.export import CONTRACT_SHAPES, build_submission_model, check_contract, script_and_save
-from guie.export_compat import (TORCH111_MAX_FILE_FORMAT_VERSION, archive_format_version,
+from guie.export.compat import (TORCH111_MAX_FILE_FORMAT_VERSION, archive_format_version,
                                 build_compat_export, check_torch111_archive,
                                 export_compat_submission_zip, save_compat_export)
+from guie.export.script import (CONTRACT_SHAPES, build_submission_model, check_contract,
+                                script_and_save)
 from guie.model import TINY_BACKBONE, EmbeddingModel, MultiDropoutHead, build_model
 
 REPO = Path(__file__).resolve().parents[2]

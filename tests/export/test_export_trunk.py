@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig
-from guie.export import build_submission_model, export_submission_zip
+from guie.export.script import build_submission_model, export_submission_zip
 from guie.model import build_model
 from guie.weights import lite0_weights_path
 
@@ -55,7 +55,7 @@ def test_the_export_moves_its_input_to_the_models_device(lite0):
 
 
 def test_compat_export_refuses_a_trunk_by_name(tmp_path, lite0):
-    from guie.export_compat import export_compat_submission_zip
+    from guie.export.compat import export_compat_submission_zip
 
     model, preprocess = lite0
     with pytest.raises(ValueError, match=r"--compat torch1.11: guie-lite0|--compat torch1.11: "

@@ -10,9 +10,10 @@ from torch import nn
 
 from guie.configs import get_config
 from guie.data.augment import EvalTransform
-from guie.export import build_submission_model
-from guie.pipeline import fit_export_reduction, prepare
-from guie.train.features import build_feature_cache
+from guie.export.build import fit_export_reduction
+from guie.export.script import build_submission_model
+from guie.pipeline import prepare
+from guie.train.features import CacheRequest, build_feature_cache
 from guie.train.loop import run_stage
 
 
@@ -34,6 +35,11 @@ def _bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
             if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
+def _context(s, out_dir):
+    """The session's training context without an evaluator (no evaluation points)."""
+    return replace(s.train_context(out_dir), evaluator=None)
+
+
 def _changed(before: dict, after: dict) -> set[str]:
     return {n for n in before if not torch.equal(before[n], after[n])}
 
@@ -46,8 +52,7 @@ def test_a_head_only_stage_leaves_the_trunk_statistics_alone(lite0_session, tmp_
     s = lite0_session
     before = _bn_stats(s.model.visual)
     stage = _stage(s, train=("head", "centres"), use_feature_cache=False, name="headonly")
-    run_stage(s.cfg, stage, s.model, s.preprocess, s.loss_fn, s.split.train, None, tmp_path,
-              s.device, resume=False)
+    run_stage(_context(s, tmp_path), stage, resume=False)
     assert not _changed(before, _bn_stats(s.model.visual))
 
 
@@ -55,8 +60,9 @@ def test_building_the_feature_cache_leaves_them_alone(lite0_session, tmp_path):
     s = lite0_session
     s.model.train()  # whatever mode it comes in
     before = _bn_stats(s.model.visual)
-    build_feature_cache(s.model, s.split.train.iloc[:24], [EvalTransform(s.preprocess)], "k",
-                        tmp_path, 8, 0, s.device)
+    build_feature_cache(s.model, CacheRequest(s.split.train.iloc[:24],
+                                              [EvalTransform(s.preprocess)], "k", tmp_path, 8,
+                                              0, s.device))
     assert not _changed(before, _bn_stats(s.model.visual))
 
 
@@ -66,8 +72,7 @@ def test_partially_unfrozen_trunk_trains_its_blocks_on_the_pretrained_statistics
     before = _bn_stats(s.model.visual)
     weights = {n: p.detach().clone() for n, p in s.model.visual.named_parameters()}
     stage = _stage(s, train=("head", "blocks:14-15"), name="partial", lr_backbone=1e-3)
-    run_stage(s.cfg, stage, s.model, s.preprocess, s.loss_fn, s.split.train, None, tmp_path,
-              s.device, resume=False)
+    run_stage(_context(s, tmp_path), stage, resume=False)
     learnt = {n for n, p in s.model.visual.named_parameters() if not torch.equal(p, weights[n])}
     assert learnt and all(n.startswith(("trunk.blocks.5.3.", "trunk.blocks.6.0."))
                           for n in learnt), sorted(learnt)[:5]
@@ -79,8 +84,7 @@ def test_a_whole_backbone_stage_keeps_the_pretrained_statistics(lite0_session, t
     s = lite0_session
     before = _bn_stats(s.model.visual)
     stage = _stage(s, train=("all",), name="all", lr_backbone=1e-3)
-    run_stage(s.cfg, stage, s.model, s.preprocess, s.loss_fn, s.split.train, None, tmp_path,
-              s.device, resume=False)
+    run_stage(_context(s, tmp_path), stage, resume=False)
     assert not _changed(before, _bn_stats(s.model.visual))
 
 

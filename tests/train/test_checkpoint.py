@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from guie.configs import get_config
-from guie.pipeline import load_trained, train
+from guie.export.build import load_trained
+from guie.pipeline import train
 from guie.train.checkpoint import (CHECKPOINT_OVERHEAD_BYTES, load_checkpoint,
                                    predict_output_bytes)
 
@@ -29,8 +30,8 @@ def _assert_predicted(predicted: int, path):
 def test_prediction_matches_a_smoke_runs_files_and_finished_stages_drop_last_pt(sample_data,
                                                                                tmp_path, capsys):
     smoke = get_config("smoke")
-    cfg = _cfg(sample_data, (replace(smoke.stage1, epochs=0.5),
-                             replace(smoke.stage2, epochs=0.1, checkpoint_every_steps=1)))
+    cfg = _cfg(sample_data, (replace(smoke.stage("stage1"), epochs=0.5),
+                             replace(smoke.stage("stage2"), epochs=0.1, checkpoint_every_steps=1)))
     out = tmp_path / "run"
     paused = replace(cfg, stages=(cfg.stages[0], replace(cfg.stages[1], max_hours=1e-9)))
     assert train(paused, str(out))["status"] == "paused"
@@ -55,7 +56,7 @@ def test_prediction_matches_a_smoke_runs_files_and_finished_stages_drop_last_pt(
 
 def test_a_later_backbone_stage_supersedes_the_earlier_copy(sample_data, tmp_path):
     smoke = get_config("smoke")
-    first = replace(smoke.stage2, name="b1", epochs=0.1)
+    first = replace(smoke.stage("stage2"), name="b1", epochs=0.1)
     cfg = _cfg(sample_data, (first, replace(first, name="b2")))
     out = tmp_path / "run"
     train(cfg, str(out))

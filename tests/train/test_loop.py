@@ -20,8 +20,8 @@ def _session(sample_data):
 
 def _run(sample_data, stage, out_dir, cache_dir, resume=True):
     s = _session(sample_data)
-    outcome = run_stage(s.cfg, stage, s.model, s.preprocess, s.loss_fn, s.split.train, None,
-                        out_dir, s.device, resume=resume, cache_dir=cache_dir)
+    ctx = replace(s.train_context(out_dir), evaluator=None, cache_dir=cache_dir)
+    outcome = run_stage(ctx, stage, resume=resume)
     state = {**{f"m.{k}": v.clone() for k, v in s.model.state_dict().items()},
              **{f"l.{k}": v.clone() for k, v in s.loss_fn.state_dict().items()}}
     return outcome, state
@@ -29,7 +29,7 @@ def _run(sample_data, stage, out_dir, cache_dir, resume=True):
 
 @pytest.mark.parametrize("which", ["stage1", "stage2"])
 def test_resumed_stage_ends_where_an_uninterrupted_one_does(sample_data, tmp_path, which):
-    base = getattr(get_config("smoke"), which)
+    base = get_config("smoke").stage(which)
     # stage 2: a fraction of an epoch with gradient accumulation, to keep the test quick
     stage = replace(base, epochs=0.25, grad_accum=2) if which == "stage2" else \
         replace(base, epochs=1.5)
@@ -51,7 +51,7 @@ def test_resumed_stage_ends_where_an_uninterrupted_one_does(sample_data, tmp_pat
 
 
 def test_finished_stage_is_not_rerun(sample_data, tmp_path):
-    stage = replace(get_config("smoke").stage1, epochs=0.5)
+    stage = replace(get_config("smoke").stage("stage1"), epochs=0.5)
     first, state = _run(sample_data, stage, tmp_path, tmp_path / "cache")
     again, state2 = _run(sample_data, stage, tmp_path, tmp_path / "cache")
     assert again.history == first.history
@@ -59,7 +59,7 @@ def test_finished_stage_is_not_rerun(sample_data, tmp_path):
 
 
 def test_resume_under_a_different_data_order_is_refused(sample_data, tmp_path):
-    stage = replace(get_config("smoke").stage1, epochs=1.0, max_hours=1e-9,
+    stage = replace(get_config("smoke").stage("stage1"), epochs=1.0, max_hours=1e-9,
                     checkpoint_every_steps=1)
     paused, _ = _run(sample_data, stage, tmp_path, tmp_path / "cache")
     assert paused.status == "paused"
@@ -69,7 +69,7 @@ def test_resume_under_a_different_data_order_is_refused(sample_data, tmp_path):
 
 
 def test_ema_stage_resumes_exactly_and_swaps_the_average_in(sample_data, tmp_path):
-    stage = replace(get_config("smoke").stage1, epochs=1.5, ema_decay=0.9)
+    stage = replace(get_config("smoke").stage("stage1"), epochs=1.5, ema_decay=0.9)
     cache = tmp_path / "cache"
     straight, want = _run(sample_data, stage, tmp_path / "a", cache)
     _run(sample_data, replace(stage, max_hours=1e-9, checkpoint_every_steps=1), tmp_path / "b",

@@ -5,7 +5,7 @@ import torch
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig, StageConfig
 from guie.losses import ArcFace
 from guie.model import build_model
-from guie.train.loop import TrainStep
+from guie.train.step import TrainStep
 from guie.train.optim import param_groups
 
 TINY = ExperimentConfig(model=ModelConfig(backbone="guie-tiny-vit"),

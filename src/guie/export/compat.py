@@ -1,6 +1,6 @@
 """TorchScript export that PyTorch 1.11 can load: the competition's stated host version.
 
-A `torch.jit.script` of the default export (`guie.export`) saved by torch 2.x fails in 1.11 on
+A `torch.jit.script` of the default export (`guie.export.script`) saved by torch 2.x fails in 1.11 on
 two counts, both checked against a real 1.11 (tests/export/compat_runner.py):
 - the archive's format version: the writer stamps each file with the highest "upgrader" version
   among the operators it serialises; `nn.GELU` records `aten::gelu` (approximate kwarg, bumped to
@@ -36,8 +36,8 @@ from torch import nn
 
 from guie.backbones import backbone_of
 from guie.data.preprocess import Preprocess
-from guie.export import (SubmissionModel, build_submission_model, check_contract,
-                         write_submission_zip)
+from guie.export.script import (SubmissionModel, build_submission_model, check_contract,
+                                write_submission_zip)
 from guie.model import EmbeddingModel, image_aspect_features
 
 # torch 1.11's kMaxSupportedFileFormatVersion (caffe2/serialize/versions.h); checked by loading.
@@ -352,7 +352,7 @@ def save_compat_export(export: nn.Module, path: str | Path) -> Path:
 
 def export_compat_submission_zip(model: EmbeddingModel, preprocess: Preprocess,
                                  out_dir: str | Path, fp16_weights: bool = False) -> Path:
-    """Like `guie.export.export_submission_zip`, for a torch 1.11 host."""
+    """Like `guie.export.script.export_submission_zip`, for a torch 1.11 host."""
     out_dir = Path(out_dir)
     compat = build_compat_export(model, preprocess, fp16_weights)
     embed_dim = int(compat.linear_weight.shape[0])

@@ -18,9 +18,10 @@ from guie.kaggle.build import build_kernels
 from guie.kaggle.emulate import Archives, Layout, mount_folder, mount_notebook_output
 from guie.kaggle.notebooks import kernel_config, map_kaggle_paths
 from guie.kaggle.platform import KAGGLE_PYTHON_FALLBACK
-from guie.pipeline import (prepare, score_export, score_untrained, stages_of,
-                           write_curves, write_report)
+from guie.experiment import stages_of
+from guie.pipeline import prepare, score_export, score_untrained, write_curves, write_report
 from guie.train.checkpoint import load_checkpoint
+from guie.train.evaluate import stage_report
 
 LOCAL_OWNER = "local"
 
@@ -74,11 +75,8 @@ def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
             os.environ.pop("GUIE_NPROC", None)
 
     for stage in stages_of(cfg):
-        metrics = load_checkpoint(out / stage.name / "final.pt")["metrics"]
-        report[f"map5_{stage.name}"] = metrics["map5"]
-        report[f"map5_{stage.name}_per_domain"] = metrics["map5_per_domain"]
-        if "sources" in metrics:  # the evaluation sources, per domain
-            report[f"eval_{stage.name}"] = metrics["sources"]
+        report.update(stage_report(stage.name,
+                                   load_checkpoint(out / stage.name / "final.pt")["metrics"]))
     report.update(score_export(session, out), status="done")
     write_curves(out)
     return write_report(out, report)

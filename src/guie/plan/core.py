@@ -15,7 +15,7 @@ from guie.plan.gpus import GIB, gpu_of
 from guie.plan.memory import MemoryTerm, StageSetup
 
 DEFAULT_MAX_HOURS = 11.0  # the training kernel's budget per session (push --max-hours)
-REFERENCE_SLUGS = {  # 3rd place's training set: guie.bench.estimates.TRAIN_IMAGES images
+REFERENCE_SLUGS = {  # 3rd place's training set: guie.plan.estimates.TRAIN_IMAGES images
     "motono0223/guie-imagenet1k-mini1-tfrecords-label-0-999",
     "motono0223/guie-products10k-tfrecords-label-1000-10690",
     "motono0223/guie-glr2021mini-tfrecords-label-10691-17690"}
@@ -86,8 +86,8 @@ def train_images_of(cfg: ExperimentConfig) -> tuple[int, str]:
                 "the config's sample data (instances not held out x views)")
     slugs = {s.kaggle_slug for s in cfg.data.sources}
     if slugs and slugs <= REFERENCE_SLUGS and len(slugs) == len(REFERENCE_SLUGS):
-        from guie.bench.estimates import TRAIN_IMAGES
-        return TRAIN_IMAGES, "3rd place's training set (guie.bench.estimates.TRAIN_IMAGES)"
+        from guie.plan.estimates import TRAIN_IMAGES
+        return TRAIN_IMAGES, "3rd place's training set (guie.plan.estimates.TRAIN_IMAGES)"
     return 0, "unknown: pass train_images (--train-images N)"
 
 
@@ -106,8 +106,7 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
                train_images: int, max_hours: float, measure_missing: bool = True,
                model_parts=None) -> StagePlan:
     """One stage's memory, time and verdict (without a fix: `guie.plan.advice` adds it)."""
-    from guie.model import backbone
-    from guie.train.loop import apply_stage_resolution
+    from guie.model import apply_stage_resolution, backbone
     from guie.train.optim import param_groups, trainable
 
     gpu = gpu_of(shape)

@@ -46,7 +46,7 @@ def kaggle_estimates() -> dict:
         "stage1_cache_build_885k_h": round(two["stage1_cache_build_885k_h"] / TWO_GPU_SCALING, 1),
         "stage2_one_epoch_885k_h": round(two["stage2_one_epoch_885k_h"] / TWO_GPU_SCALING, 1),
     }
-    out["note"] = ("ESTIMATES from published anchors (guie.bench.estimates), not measured: "
+    out["note"] = ("ESTIMATES from published anchors (guie.plan.estimates), not measured: "
                    "T4 ViT-H inference ~1.4 h per 205k images; P100 = 0.7 x T4; training "
                    "throughput = inference / 4.5; 2xT4 = 1.8 x one T4.")
     return out

@@ -46,6 +46,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_stage_state(model, loss_fn, state: dict) -> None:
+    """Load a stage checkpoint's "model" entry: head, class centres (skipped with `loss_fn`
+    None: the export needs none) and, where the stage trained it, the backbone."""
+    model.head.load_state_dict(state["head"])
+    if loss_fn is not None:
+        loss_fn.load_state_dict(state["loss"])
+    if "visual" in state:
+        model.visual.load_state_dict(state["visual"])
+
+
 # What a checkpoint holds beyond its tensors (config, history, pickle framing, per-tensor
 # records): measured on smoke runs at 30-80 KB; a generous bound keeps the prediction an
 # upper estimate without mattering next to gigabytes of weights.
@@ -88,9 +98,8 @@ def predict_output_bytes(cfg, num_classes: int = 0) -> OutputSize:
     `num_classes` defaults to `cfg.num_classes` (one of them is needed: the class centres are
     often the head stage's largest tensor)."""
     from guie.losses import build_loss
-    from guie.model import build_model, head_output_dim
-    from guie.train.loop import apply_stage_resolution, trains_backbone
-    from guie.train.optim import param_groups
+    from guie.model import apply_stage_resolution, build_model, head_output_dim
+    from guie.train.optim import param_groups, trains_backbone
 
     classes = num_classes or cfg.num_classes
     if classes <= 0:

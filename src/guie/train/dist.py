@@ -42,3 +42,10 @@ def world_size() -> int:
 
 def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def say(message: str) -> None:
+    """One line on rank 0: what a resumed run picked up or skipped (printed, so it lands in
+    the Kaggle log and the executed notebook, not only in a progress bar)."""
+    if is_main():
+        print(message, flush=True)

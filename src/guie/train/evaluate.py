@@ -22,6 +22,18 @@ def evaluation_row(result: dict) -> dict:
     return row
 
 
+def stage_report(stage_name: str, metrics: dict) -> dict:
+    """A finished stage's figures as the run report's keys: `map5_<stage>` (held-out), its
+    `_per_domain` breakdown, and `eval_<stage>` (the evaluation sources, per domain)."""
+    report = {}
+    if "map5" in metrics:
+        report[f"map5_{stage_name}"] = metrics["map5"]
+        report[f"map5_{stage_name}_per_domain"] = metrics.get("map5_per_domain", {})
+    if "sources" in metrics:
+        report[f"eval_{stage_name}"] = metrics["sources"]
+    return report
+
+
 def _head_embeddings(model: EmbeddingModel, *features: torch.Tensor) -> list[torch.Tensor]:
     """The head's unit embeddings of backbone features, in eval mode (the mode is restored)."""
     was_training = model.training

@@ -77,12 +77,26 @@ class FeatureCache:
     path: Path
 
 
-def build_feature_cache(model: EmbeddingModel, df: pd.DataFrame, transforms: list, key: str,
-                        cache_dir: str | Path, batch_size: int, num_workers: int,
-                        device: torch.device, chunk_rows: int = 4096) -> FeatureCache:
+@dataclass(frozen=True)
+class CacheRequest:
+    """What `build_feature_cache` caches: the head's inputs of `rows` under each of
+    `transforms`, under `cache_dir/key`, computed `batch_size` images at a time."""
+
+    rows: pd.DataFrame
+    transforms: list  # view 0: the plain preprocessing
+    key: str  # `cache_key`: a stale cache is never reused
+    cache_dir: Path
+    batch_size: int
+    num_workers: int
+    device: torch.device
+    chunk_rows: int = 4096  # rows between two progress records (the resume granularity)
+
+
+def build_feature_cache(model: EmbeddingModel, request: CacheRequest) -> FeatureCache:
     """Cache the head's inputs (`compute_features`) of every row under each transform (view 0 is
     the plain preprocessing)."""
-    folder = Path(cache_dir) / key
+    df, transforms, device = request.rows, request.transforms, request.device
+    folder = Path(request.cache_dir) / request.key
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
     if meta_path.exists():
@@ -109,10 +123,10 @@ def build_feature_cache(model: EmbeddingModel, df: pd.DataFrame, transforms: lis
         bar = tqdm(total=hi - lo, initial=done - lo, desc=f"feature cache view {view}",
                    dynamic_ncols=True, disable=not dist.is_main())
         while done < hi:
-            stop = min(done + chunk_rows, hi)
-            chunk, ok = compute_features(model, df.iloc[done:stop], transform, batch_size,
-                                         num_workers, device, "chunk", seed=view * n + done,
-                                         progress=False)
+            stop = min(done + request.chunk_rows, hi)
+            chunk, ok = compute_features(model, df.iloc[done:stop], transform,
+                                         request.batch_size, request.num_workers, device,
+                                         "chunk", seed=view * n + done, progress=False)
             feats[view, done:stop] = chunk.numpy().astype(np.float16)
             valid[view, done:stop] = ok.numpy()
             feats.flush()

@@ -64,6 +64,10 @@ def trainable(stage: StageConfig, num_blocks: int) -> Trainable:
     return Trainable(head, centres, frozenset(layers))
 
 
+def trains_backbone(model: EmbeddingModel, stage: StageConfig) -> bool:
+    return trainable(stage, backbone_of(model.visual).num_blocks).backbone
+
+
 def param_groups(model: EmbeddingModel, loss_fn: nn.Module, stage: StageConfig) -> list[dict]:
     """Optimizer groups of what the stage trains; everything else gets requires_grad=False."""
     layers = backbone_layer_groups(model.visual)
