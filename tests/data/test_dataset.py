@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from guie.data import dataset as ds
+from guie.data import guarded_decode
 from guie.data.dataset import (
     ImageDataset, collate_skip_bad, decode_rgb, pil_to_uint8_tensor, read_bytes,
 )
-from guie.data.sources import merge_sources
 from guie.data.errors import DataError, DataWarning
+from guie.data.sources import merge_sources
 from guie.data.tfrecord import encode_example, index_shard, write_tfrecord
 
 
@@ -62,7 +62,7 @@ def test_decode_and_tensor():
 
 
 def test_pixel_limit(monkeypatch):
-    monkeypatch.setattr(ds, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(guarded_decode, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DataError, match="big.jpg: image of 40x30 pixels exceeds"):
         decode_rgb(_jpeg(40, 30), "big.jpg")
 

@@ -19,10 +19,6 @@ from guie.data.decode import decode_image, decode_pixels
 from guie.data.errors import DataError, DataWarning
 from guie.data.tfrecord import IMAGE_KEY, parse_example, read_record
 
-# Our own bomb guard (PIL's global MAX_IMAGE_PIXELS is left alone for other code): 8k x 8k
-# is far beyond any photo in these data sets and about 200 MB decoded.
-MAX_IMAGE_PIXELS = 8192 * 8192
-
 
 def read_bytes(path: str, offset: int = -1, length: int = -1, verify_crc: bool = True) -> bytes:
     """Encoded image bytes: the whole file when offset < 0, else the JPEG inside the
@@ -41,11 +37,12 @@ def read_bytes(path: str, offset: int = -1, length: int = -1, verify_crc: bool =
 
 
 def decode_rgb(data: bytes, where: str, min_side: int = 0) -> Image.Image:
-    """Decode to an RGB image; DataError naming `where` if it is corrupt or too large.
+    """Decode to an RGB image; DataError naming `where` if it is corrupt or over the pixel cap
+    (`guie.data.guarded_decode`).
 
     `min_side` > 0: a JPEG may be decoded at a reduced scale that keeps both sides >= min_side
     (the fast training path, `guie.data.decode`)."""
-    return decode_image(data, where, MAX_IMAGE_PIXELS, min_side)
+    return decode_image(data, where, min_side=min_side)
 
 
 def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -98,7 +95,7 @@ class ImageDataset(torch.utils.data.Dataset):
             data = read_bytes(str(self.paths[i]), int(self.offsets[i]), int(self.lengths[i]),
                               self.verify_crc)
             if self.pixels_in:
-                img = decode_pixels(data, where, MAX_IMAGE_PIXELS, self.decode_size)
+                img = decode_pixels(data, where, min_side=self.decode_size)
             else:
                 img = decode_rgb(data, where, self.decode_size)
         except (DataError, OSError) as e:

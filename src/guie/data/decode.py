@@ -13,19 +13,17 @@ decoding the full image and two thirds in PIL's resize of it (field guide sectio
   it decodes straight into a numpy array (PIL copies its RGBX image out through `tobytes`).
 
 `python -m guie.bench` measures it (figure `decode_speedup`) and the PSNR against the
-full-resolution path. Non-JPEG images decode at full size.
+full-resolution path. Non-JPEG images decode at full size. Both backends share the bomb guard
+and pixel cap of `guie.data.guarded_decode`.
 """
 from __future__ import annotations
-
-import io
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guie.data.errors import DataError
+from guie.data.guarded_decode import check_pixel_cap, decode_guarded
 
 try:
     import simplejpeg
@@ -44,37 +42,25 @@ def draft_scale(width: int, height: int, min_side: int) -> int:
     return scale
 
 
-def decode_image(data: bytes, where: str, max_pixels: int, min_side: int = 0) -> Image.Image:
+def decode_image(data: bytes, where: str, max_pixels: int | None = None,
+                 min_side: int = 0) -> Image.Image:
     """RGB PIL image; with `min_side` > 0 a JPEG is decoded at `draft_scale`. DataError naming
-    `where` if the data is corrupt or the image is over `max_pixels`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise DataError(f"{where}: image of {img.width}x{img.height} pixels exceeds "
-                                f"the {max_pixels}-pixel limit")
-            if min_side > 0 and img.format == "JPEG":
-                img.draft("RGB", (min_side, min_side))
-            img.load()  # decode now: a truncated JPEG fails here, not in the transform
-            return img if img.mode == "RGB" else img.convert("RGB")
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise DataError(f"{where}: cannot decode image: {e}") from None
+    `where` if the data is corrupt or the image is over the cap (`guie.data.guarded_decode`:
+    MAX_IMAGE_PIXELS unless `max_pixels` is given)."""
+    # Only what PIL calls JPEG: an MPO (a JPEG with more pictures) is decoded whole.
+    return decode_guarded(data, where, max_pixels, mode="RGB", draft_scale=lambda img: (
+        draft_scale(*img.size, min_side) if img.format == "JPEG" else 1))
 
 
-def decode_pixels(data: bytes, where: str, max_pixels: int, min_side: int = 0) -> torch.Tensor:
+def decode_pixels(data: bytes, where: str, max_pixels: int | None = None,
+                  min_side: int = 0) -> torch.Tensor:
     """Like `decode_image`, as uint8 [3, H, W] viewing HWC memory (see `as_pixels`)."""
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
             height = width = 0  # unreadable header: PIL decides, and names the error
-        if width * height > max_pixels:
-            raise DataError(f"{where}: image of {width}x{height} pixels exceeds "
-                            f"the {max_pixels}-pixel limit")
+        check_pixel_cap(width, height, where, max_pixels)
         if width and height:
             scale = draft_scale(width, height, min_side)
             try:

@@ -5,7 +5,6 @@ Shards and image batches are checked in a process pool; a failure names the file
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import warnings
@@ -15,13 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from guie.config import DataSource
-from guie.data.dataset import MAX_IMAGE_PIXELS
-from guie.data.sources import load_source
 from guie.data.errors import DataError, DataWarning
+from guie.data.guarded_decode import decode_guarded
+from guie.data.sources import load_source
 from guie.data.tfrecord import IMAGE_KEY, index_shard, parse_example
 
 _RECORD_HEADER_BYTES = 12  # uint64 length + its CRC before each record's payload
@@ -47,23 +45,10 @@ def expected_label_range(slug: str) -> tuple[int, int] | None:
 
 
 def _check_image(data: bytes, where: str) -> None:
-    """What `guie.data.dataset.decode_rgb` checks, decoding JPEGs at 1/8 scale: every
-    entropy-coded byte is still read (a truncated or damaged stream fails) at a fraction of
-    the cost of a full decode."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{where}: image of {img.width}x{img.height} pixels exceeds "
-                                    f"the {MAX_IMAGE_PIXELS}-pixel limit")
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise DataError(f"{where}: cannot decode image: {e}") from None
+    """What `guie.data.dataset.decode_rgb` checks (the same guarded decode and pixel cap),
+    decoding JPEGs at 1/8 scale: every entropy-coded byte is still read (a truncated or damaged
+    stream fails) at a fraction of the cost of a full decode."""
+    decode_guarded(data, where, draft_scale=lambda img: 8)
 
 
 def _sample(n: int, fraction: float, key: str) -> np.ndarray:

@@ -6,19 +6,17 @@ Real folders hold more than clean RGB JPEGs. Handled here:
 - modes: grayscale, 1-bit, palette (with or without transparency), RGBA/LA (composited on white,
   as a viewer shows them), CMYK, 16-bit grayscale (scaled, not clipped), float;
 - EXIF orientation (the pixels a viewer shows, not the ones stored);
-- huge images: PIL's decompression-bomb refusal is replaced by our own bounds. A JPEG is decoded
-  at a reduced scale (libjpeg draft mode) so no more than `max_decode_pixels` are ever held; any
-  other format larger than `max_decode_pixels` is skipped, because it can only be decoded whole.
-  Whatever is decoded is then downscaled to at most `max_pixels` (and `max_side`, if given);
+- huge images: decoded by the kit's one guarded decode (`guie.data.guarded_decode`) with its
+  pixel cap as `max_decode_pixels`, allowed to shrink: a JPEG over the cap is decoded at a reduced
+  scale (libjpeg draft mode) that fits it; any other format over it is skipped, because it can
+  only be decoded whole. Whatever is decoded is then downscaled to at most `max_pixels` (and
+  `max_side`, if given);
 - files that are not images or are corrupt raise `SkippedImage` with a reason, never anything else.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from guie.data.guarded_decode import BadImage, decode_guarded
+
 # Larger images are downscaled to this many pixels (4096 x 4096): bigger inputs are pointless
 # for a model that resizes internally, and a float copy of one is already 200 MB.
 DEFAULT_MAX_PIXELS = 4096 * 4096
-# No decoder ever holds more than this many pixels (~0.25 GB as RGBA).
-DEFAULT_MAX_DECODE_PIXELS = 64_000_000
 _WHITE = (255, 255, 255)
 
 
@@ -97,25 +95,40 @@ def fit_size(width: int, height: int, max_side: int | None, max_pixels: int | No
 
 def load_image(path: Path | str, max_side: int | None = None,
                max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> LoadedImage:
+               max_decode_pixels: int | None = None) -> LoadedImage:
     """Upright RGB uint8 pixels of `path`, downscaled only where a cap requires it.
 
+    max_decode_pixels: the decode cap (default: the guarded decode's MAX_IMAGE_PIXELS).
     Raises SkippedImage (with a reason) for anything that is not a usable image.
     """
     path = Path(path)
     try:
-        with _pil_size_check_off(), Image.open(path) as im:
-            return _decode(im, max_side, max_pixels, max_decode_pixels)
+        return _load(path, max_side, max_pixels, max_decode_pixels)
     except SkippedImage as exc:
         raise SkippedImage(path, exc.reason) from None
-    except Image.UnidentifiedImageError:
-        raise SkippedImage(path, "not an image (no image format recognises it)") from None
+    except BadImage as exc:  # over the cap, or the decoder failed
+        raise SkippedImage(path, exc.reason if exc.error is None else _unusable(exc.error)) \
+            from None
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; a bad file is never fatal
-        raise SkippedImage(path, f"unreadable or corrupt ({type(exc).__name__}: {exc})") from None
+        raise SkippedImage(path, _unusable(exc)) from None
 
 
-def _decode(im: Image.Image, max_side: int | None, max_pixels: int | None,
-            max_decode_pixels: int) -> LoadedImage:
+def _unusable(exc: BaseException) -> str:
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (no image format recognises it)"
+    return f"unreadable or corrupt ({type(exc).__name__}: {exc})"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the opened (not yet decoded) image asks for."""
+    orientation: int  # EXIF
+    original: tuple[int, int]  # (w, h) upright, at full size
+    final: tuple[int, int]  # (w, h) upright, within the caps
+    draft_scale: int  # the JPEG draft scale that still gives at least `final`
+
+
+def _plan(im: Image.Image, max_side: int | None, max_pixels: int | None) -> _Plan:
     stored_w, stored_h = im.size
     if stored_w < 1 or stored_h < 1:
         raise SkippedImage("", f"empty image ({stored_w} x {stored_h})")
@@ -124,36 +137,39 @@ def _decode(im: Image.Image, max_side: int | None, max_pixels: int | None,
     original = (stored_h, stored_w) if turned else (stored_w, stored_h)
     final_w, final_h = fit_size(*original, max_side, max_pixels)
     target = (final_h, final_w) if turned else (final_w, final_h)  # in stored orientation
-    scale = _jpeg_draft_scale((stored_w, stored_h), target, max_decode_pixels)
-    if scale > 1:
-        im.draft(im.mode, (max(1, stored_w // scale), max(1, stored_h // scale)))  # JPEG only
-    if im.size[0] * im.size[1] > max_decode_pixels:
-        raise SkippedImage("", (
-            f"too large to decode within the pixel cap: {stored_w} x {stored_h} = "
-            f"{stored_w * stored_h:,} pixels > {max_decode_pixels:,} (only JPEG can be decoded "
-            f"at reduced scale, at most 1/8)"))
-    im.load()
+    return _Plan(orientation, original, (final_w, final_h),
+                 _jpeg_draft_scale((stored_w, stored_h), target))
+
+
+def _load(path: Path, max_side: int | None, max_pixels: int | None,
+          max_decode_pixels: int | None) -> LoadedImage:
+    plans: list[_Plan] = []  # filled by the decode once the image is open
+
+    def draft_scale(im: Image.Image) -> int:
+        plans.append(_plan(im, max_side, max_pixels))
+        return plans[0].draft_scale
+
+    im = decode_guarded(path, str(path), max_decode_pixels, draft_scale, shrink_to_fit=True)
+    plan = plans[0]
     # exif_transpose only where needed: it copies the image even when there is nothing to do.
-    rgb = _to_rgb(ImageOps.exif_transpose(im) if orientation in range(2, 9) else im)
+    rgb = _to_rgb(ImageOps.exif_transpose(im) if plan.orientation in range(2, 9) else im)
+    final_w, final_h = plan.final
     if rgb.size[0] < final_w or rgb.size[1] < final_h:
         final_w, final_h = rgb.size  # the decode cap forced a smaller decode: never upscale
     if rgb.size != (final_w, final_h):
         rgb = rgb.resize((final_w, final_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     # np.array copies: PIL-backed arrays are read-only, which torch.from_numpy warns about.
-    return LoadedImage(pixels=np.array(rgb, dtype=np.uint8), original_size=original)
+    return LoadedImage(pixels=np.array(rgb, dtype=np.uint8), original_size=plan.original)
 
 
-def _jpeg_draft_scale(stored: tuple[int, int], target: tuple[int, int], max_decode_pixels: int
-                      ) -> int:
+def _jpeg_draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
     """libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 scale: the largest scale still at least `target`
-    (free speed), or larger where the decode cap demands it (bounded memory wins over quality)."""
+    (free speed; the guarded decode shrinks further where its cap demands it)."""
     width, height = stored
     scale = 1
     for s in (2, 4, 8):
         if -(-width // s) >= target[0] and -(-height // s) >= target[1]:
             scale = s
-    while scale < 8 and -(-width // scale) * -(-height // scale) > max_decode_pixels:
-        scale *= 2
     return scale
 
 
@@ -192,20 +208,3 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", im.size, _WHITE + (255,))
         return Image.alpha_composite(background, im).convert("RGB")
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-@contextlib.contextmanager
-def _pil_size_check_off() -> Iterator[None]:
-    """Lift PIL's decompression-bomb refusal while opening: `_decode` enforces its own caps.
-
-    PIL refuses any image over 2 x MAX_IMAGE_PIXELS at open time, before one could choose to
-    decode it at reduced scale. The cap is process-global, so it is restored right after.
-    """
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
