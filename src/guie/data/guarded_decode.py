@@ -27,6 +27,8 @@ from PIL.JpegImagePlugin import JpegImageFile
 from guie.data.errors import DataError
 
 # 8k x 8k: far beyond any photo in these data sets and about 200 MB decoded as RGB (270 MB RGBA).
+# The cap training and fetch verification always had; the retrieval rig's own 64 M (5% lower)
+# gave way, so a data set that verifies is also one the rig and training decode alike.
 MAX_IMAGE_PIXELS = 8192 * 8192
 _MAX_DRAFT_SCALE = 8  # libjpeg's coarsest DCT scale
 
