@@ -15,8 +15,8 @@ import torch
 
 from bench.common import BenchResult, Figure, interleaved, rounded
 from guie.configs import get_config
-from guie.export import build_submission_model, script_and_save
-from guie.export_compat import compat_from_submission, save_compat_export
+from guie.export.compat import compat_from_submission, save_compat_export
+from guie.export.script import build_submission_model, script_and_save
 from guie.model import build_model
 
 # (name, input shape, calls per timed repeat)

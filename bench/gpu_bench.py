@@ -1,8 +1,8 @@
 """Figure 5 (`--gpu`): ViT-H-14 at 224 with random weights on one CUDA device.
 
 - the device's bf16 matmul peak, measured here (8192^3 GEMMs): the MFU denominator.
-- stage-2 training (all layers, head, sub-center ArcFace over 17,691 classes, AdamW, bf16
-  autocast) in images/s, and MFU = img/s x 3 x 334.6 GFLOP / peak.
+- stage-2 training through the loop's own step (all layers, head, sub-center ArcFace over
+  17,691 classes, AdamW, bf16 autocast) in images/s, and MFU = img/s x 3 x 334.6 GFLOP / peak.
 - the largest batch that trains, with and without gradient checkpointing: batch doubles until
   CUDA runs out of memory (so the true limit lies below twice the figure).
 - `saved_model.pt` inference in images/s, weights in fp16 and in bf16 (uint8 input at 224, as
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchResult, Figure, rounded
-from guie.config import ExperimentConfig
+from guie.config import ExperimentConfig, StageConfig
+from guie.train.step import StageStep
 
 VIT_H_FORWARD_GFLOP = 334.6  # per 224 px image (field guide section 7); training ~3x
 NUM_CLASSES = 17_691
@@ -69,8 +70,12 @@ def vit_h(device: torch.device):
     return model.to(device), preprocess
 
 
+STAGE2 = StageConfig(name="stage2", train=("all",), lr_head=1e-6, lr_backbone=1e-6, amp="bf16")
+
+
 class Trainer:
-    """Stage 2: every parameter learns (backbone, head, class centres), bf16 autocast."""
+    """Stage 2 through the training loop's own step (`guie.train.step.StageStep`): every
+    parameter learns (backbone, head, class centres), bf16 autocast."""
 
     def __init__(self, model, device: torch.device):
         from guie.losses import ArcFace
@@ -78,15 +83,12 @@ class Trainer:
         self.model, self.device = model, device
         self.loss_fn = ArcFace(model.head.linear.out_features, NUM_CLASSES, 30.0, 0.5,
                                subcenters=3).to(device)
-        params = list(model.parameters()) + list(self.loss_fn.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+        self.stage_step = StageStep(model, self.loss_fn, STAGE2, device, from_features=False)
+        self.batches = 0  # micro-batches stepped: the step's position in its LR schedule
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = self.loss_fn(self.model(images), labels, 0.5)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stage_step(self.batches, images, None, labels, 0.5)
+        self.batches += 1
 
     def batch(self, size: int):
         return (torch.randn(size, 3, 224, 224, device=self.device),
@@ -104,7 +106,7 @@ class Trainer:
                 return False
             raise
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.stage_step.optimizer.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -131,7 +133,7 @@ def inference_images_per_s(module, device: torch.device, batch: int, iters: int,
 
 def export_variants(model, preprocess, workdir: Path):
     """(name, saved path) of the exports to time: fp16, bf16, and the 1.11-compatible fp16."""
-    from guie.export import build_submission_model, script_and_save
+    from guie.export.script import build_submission_model, script_and_save
 
     model.eval()
     out = []
@@ -144,7 +146,7 @@ def export_variants(model, preprocess, workdir: Path):
     out.append(("bf16", script_and_save(bf16, workdir / "saved_model_bf16.pt")))
     del bf16
     try:
-        from guie.export_compat import build_compat_export, save_compat_export
+        from guie.export.compat import build_compat_export, save_compat_export
 
         compat = build_compat_export(model, preprocess, fp16_weights=True)
         out.append(("compat_fp16", save_compat_export(compat, workdir / "saved_model_compat.pt")))
@@ -185,7 +187,8 @@ def run(workdir: Path, quick: bool) -> BenchResult:
         mfu = img_s * 3 * VIT_H_FORWARD_GFLOP * 1e9 / (peak * 1e12)
         figures += [
             Figure("gpu_train_img_s", rounded(img_s), None, None, "img/s", "",
-                   f"ViT-H-14 stage 2, batch {train_batch}, bf16 autocast, fused AdamW"),
+                   f"ViT-H-14 stage 2, batch {train_batch}, the loop's step (bf16 autocast, "
+                   "AdamW)"),
             Figure("gpu_train_mfu", rounded(mfu), None, None, "fraction", f">= {GOAL_MFU}",
                    "3 x 334.6 GFLOP per image / the bf16 peak above"),
         ]

@@ -3,10 +3,11 @@
 Speedup: one frozen-backbone (stage-1) epoch of the `tiny` recipe trained the way the kit's loop
 does it from the feature cache (rows gathered from a float16 memmap [views, N, D]), against one
 epoch that decodes, augments and re-encodes every image through the backbone (the loop's image
-path, `ImageDataset` + `TrainTransform`, in-process). Both run the same head + ArcFace + AdamW
-step; the backbone runs under no_grad, the kinder baseline. The backbone's own share of the
-image epoch is timed too: `stage1_cache_speedup_backbone_only` is the speedup if decoding were
-free.
+path, `ImageDataset` + `TrainTransform`, in-process). Both run the training loop's own step
+(`guie.train.step.StageStep`: head + ArcFace + AdamW), the cached epoch on the loop's own
+batches (`guie.train.batches.cached_batches`); the backbone runs under no_grad, the kinder
+baseline. The backbone's own share of the image epoch is timed too:
+`stage1_cache_speedup_backbone_only` is the speedup if decoding were free.
 
 Reference scale: 3rd place's stage 1 is 200 tenth-epochs = 20 passes over 885k cached 1024-d
 ViT-H features, 17,691 classes, sub-center k=3, a 20-branch dropout head, batch 256. The step
@@ -28,12 +29,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import BenchResult, Figure, interleaved, rounded
+from guie.config import StageConfig
 from guie.configs import get_config
 from guie.data.augment import EvalTransform, TrainTransform
 from guie.data.dataset import ImageDataset, collate_skip_bad
-from guie.losses import build_loss
+from guie.losses import build_loss, margin_at
 from guie.model import EmbeddingModel, build_head, build_model, head_output_dim
+from guie.train.batches import cached_batches
+from guie.train.features import FeatureCache
 from guie.train.order import BatchOrder, BatchSampler, SeededDataset
+from guie.train.step import StageStep
 
 REFERENCE_ROWS = 885_000
 REFERENCE_PASSES = 20
@@ -42,42 +47,28 @@ REFERENCE_CLASSES = 17_691
 GOAL_REFERENCE_S = 120.0  # on one H100
 
 
-class HeadStep:
-    """One optimizer step of head + class centres on given features (the cached stage's step)."""
-
-    def __init__(self, model: EmbeddingModel, loss_fn: nn.Module, lr: float, margin_rad: float,
-                 device: torch.device):
-        self.model, self.loss_fn, self.margin, self.device = model, loss_fn, margin_rad, device
-        params = list(model.head.parameters()) + list(loss_fn.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        with self.autocast:
-            embeddings = self.model.embed_features(features.to(self.device, non_blocking=True))
-            loss = self.loss_fn(embeddings, labels.to(self.device, non_blocking=True),
-                                self.margin)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+def head_step(model: EmbeddingModel, loss_fn: nn.Module, stage: StageConfig,
+              device: torch.device, steps: int) -> StageStep:
+    """The training loop's own step of a cached stage (head + class centres on features), its
+    LR schedule spread over the `steps` to be timed."""
+    step = StageStep(model, loss_fn, stage, device, from_features=True)
+    step.set_schedule(steps, 0)
+    return step
 
 
-def cached_batches(cache: np.ndarray, labels: torch.Tensor, order: BatchOrder, steps: int):
-    """The loop's cached path: rows (and a view per row) gathered from the memmap."""
-    for b in range(steps):
-        rows, seeds = order.batch(b)
-        views = seeds % cache.shape[0]
-        yield torch.from_numpy(np.asarray(cache[views, rows], dtype=np.float32)), labels[rows]
-
-
-def write_cache(path: Path, features: np.ndarray) -> np.ndarray:
-    """A [1, N, D] float16 cache like the kit's, reopened read-only as a memmap."""
+def write_cache(path: Path, features: np.ndarray, labels: np.ndarray) -> FeatureCache:
+    """A one-view float16 cache like the kit's ([1, N, D]), reopened read-only as a memmap."""
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1, *features.shape))
     mm[0] = features
     mm.flush()
     del mm
-    return np.load(path, mmap_mode="r")
+    return FeatureCache(np.load(path, mmap_mode="r"), np.ones(len(labels), dtype=bool),
+                        labels.astype(np.int64), path)
+
+
+def cached_epoch_batches(cache: FeatureCache, order: BatchOrder, steps: int):
+    """The loop's own cached path (`guie.train.batches.cached_batches`) over every row."""
+    return cached_batches(cache, np.arange(len(cache.labels)), order, 0, steps)
 
 
 def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Figure], dict]:
@@ -88,23 +79,23 @@ def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Fi
     model.visual.eval()
     num_classes = int(df["label"].max()) + 1
     loss_fn = build_loss(cfg.loss, head_output_dim(cfg.model, model.feature_dim), num_classes)
-    margin = cfg.loss.margin_rad if stage.margin_rad is None else stage.margin_rad
-    step = HeadStep(model, loss_fn, stage.lr_head, margin, torch.device("cpu"))
+    margin = margin_at(stage, cfg.loss, 0.0)
     n, batch = len(df), stage.batch_size
     order = BatchOrder(n, batch, cfg.seed)
     steps = math.ceil(n / batch)
-    labels = torch.from_numpy(np.array(df["label"], dtype=np.int64))
+    step = head_step(model, loss_fn, stage, torch.device("cpu"), steps)
 
     with torch.no_grad():  # setup, untimed: the cache (view 0, the plain preprocessing)
         loader = DataLoader(ImageDataset(df, EvalTransform(preprocess)), batch_size=64,
                             collate_fn=collate_skip_bad)
         feats = torch.cat([model.visual(batch.images) for batch in loader])
-    cache = write_cache(workdir / "tiny-features.npy", feats.numpy())
+    cache = write_cache(workdir / "tiny-features.npy", feats.numpy(),
+                        np.array(df["label"], dtype=np.int64))
 
     def cached_epoch():
         model.head.train()
-        for features, y in cached_batches(cache, labels, order, steps):
-            step(features, y)
+        for b, (features, sizes_hw, y) in enumerate(cached_epoch_batches(cache, order, steps)):
+            step(b, features, sizes_hw, y, margin)
 
     images = SeededDataset(ImageDataset(df, TrainTransform(stage.augment, preprocess)))
     backbone_s: list[float] = []
@@ -114,12 +105,12 @@ def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Fi
         loader = DataLoader(images, batch_sampler=BatchSampler(order, 0, steps),
                             collate_fn=collate_skip_bad, generator=torch.Generator())
         spent = 0.0
-        for batch in loader:
+        for b, batch in enumerate(loader):
             start = time.perf_counter()
             with torch.no_grad():
                 features = model.visual(batch.images)
             spent += time.perf_counter() - start
-            step(features, batch.labels)
+            step(b, features, None, batch.labels, margin)
         backbone_s.append(spent)
 
     paired = interleaved(cached_epoch, image_epoch, repeats)
@@ -146,22 +137,25 @@ def reference_step_s(device: torch.device, rows: int, steps: int, workdir: Path)
     cfg = get_config("third_place")
     stage = cfg.stages[0]
     head = build_head(cfg.model, REFERENCE_FEATURE_DIM)
-    model = EmbeddingModel(nn.Identity(), head, REFERENCE_FEATURE_DIM).to(device)
+    # The step takes cached features and never runs the backbone: the tiny one stands in for
+    # ViT-H (the loop's parameter groups need a backbone to freeze).
+    tiny_visual = build_model(get_config("tiny"))[0].visual
+    model = EmbeddingModel(tiny_visual, head, REFERENCE_FEATURE_DIM).to(device)
     loss_fn = build_loss(cfg.loss, head_output_dim(cfg.model, REFERENCE_FEATURE_DIM),
                          REFERENCE_CLASSES).to(device)
-    margin = cfg.loss.margin_rad if stage.margin_rad is None else stage.margin_rad
-    step = HeadStep(model, loss_fn, stage.lr_head, margin, device)
+    margin = margin_at(stage, cfg.loss, 0.0)
     rng = np.random.default_rng(0)
     features = rng.standard_normal((rows, REFERENCE_FEATURE_DIM), dtype=np.float32)
-    cache = write_cache(workdir / "reference-features.npy", features)
-    labels = torch.from_numpy(rng.integers(0, REFERENCE_CLASSES, rows))
+    cache = write_cache(workdir / "reference-features.npy", features,
+                        rng.integers(0, REFERENCE_CLASSES, rows))
     order = BatchOrder(rows, stage.batch_size, cfg.seed)
     warmup = 2
+    step = head_step(model, loss_fn, stage, device, warmup + steps)
     model.train()
     times = []
-    for i, (x, y) in enumerate(cached_batches(cache, labels, order, warmup + steps)):
+    for i, (x, sizes_hw, y) in enumerate(cached_epoch_batches(cache, order, warmup + steps)):
         start = time.perf_counter()
-        step(x, y)
+        step(i, x, sizes_hw, y, margin)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
