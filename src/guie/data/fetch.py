@@ -64,8 +64,10 @@ class DatasetRef:
     @classmethod
     def parse(cls, text: str) -> "DatasetRef":
         parts = text.strip("/").split("/")
-        if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and not parts[2].isdigit()):
-            raise ValueError(f"{text!r}: expected a Kaggle dataset as owner/slug or owner/slug/VERSION")
+        if (len(parts) not in (2, 3) or not all(parts)
+                or (len(parts) == 3 and not parts[2].isdigit())):
+            raise ValueError(f"{text!r}: expected a Kaggle dataset as owner/slug or "
+                             "owner/slug/VERSION")
         return cls(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else None)
 
 
@@ -74,7 +76,8 @@ class FetchOptions:
     dest: Path = Path("data")
     image_fraction: float = 1.0  # share of images decoded: 1 all, 0 none
     workers: int = 1  # verification processes
-    max_corrupt_records: int = 0  # corrupt records/images accepted per source (listed in the manifest)
+    # corrupt records/images accepted per source (listed in the manifest)
+    max_corrupt_records: int = 0
     reverify: bool = False  # verify again even when the manifest says the dataset is complete
     num_classes: int = 0  # > 0: every label plus its source's offset must lie below it
     progress: bool = True
@@ -240,7 +243,8 @@ def detect_sources(folder: Path, dref: DatasetRef) -> tuple[DataSource, ...]:
             header = {c.strip() for c in f.readline().split(",")}
         if {"path", "label"} <= header:
             found.append(DataSource(f"{dref.slug}-{csv.stem}" if found else dref.slug, "csv",
-                                    csv.relative_to(folder.parent).as_posix(), kaggle_slug=dref.ref))
+                                    csv.relative_to(folder.parent).as_posix(),
+                                    kaggle_slug=dref.ref))
     if not found:
         raise DataError(f"{dref.ref}: no TFRecord shards ({', '.join(_TFRECORD_SUFFIXES)}) and no "
                         f"CSV with path,label columns in {folder}; describe its data as a "
@@ -266,7 +270,8 @@ def fetch_dataset(client: DatasetHost, dref: DatasetRef, sources: tuple[DataSour
     wanted = ({_safe_relpath(f.name, dref.ref).as_posix(): f.total_bytes for f in listing}
               if whole else {ARCHIVE_KEY: info.total_bytes or 0})
     manifest = load_manifest(folder)
-    state = _load_json(folder / STATE) or {"ref": dref.ref, "files": (manifest or {}).get("files", {})}
+    state = (_load_json(folder / STATE)
+             or {"ref": dref.ref, "files": (manifest or {}).get("files", {})})
     records = state["files"] if state.get("ref") == dref.ref else {}
     state = {"ref": dref.ref, "files": records}
     for key in list(records):  # another version, a file gone, or damaged on disk
