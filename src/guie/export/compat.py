@@ -1,7 +1,7 @@
 """TorchScript export that PyTorch 1.11 can load: the competition's stated host version.
 
-A `torch.jit.script` of the default export (`guie.export.script`) saved by torch 2.x fails in 1.11 on
-two counts, both checked against a real 1.11 (tests/export/compat_runner.py):
+A `torch.jit.script` of the default export (`guie.export.script`) saved by torch 2.x fails in
+1.11 on two counts, both checked against a real 1.11 (tests/export/compat_runner.py):
 - the archive's format version: the writer stamps each file with the highest "upgrader" version
   among the operators it serialises; `nn.GELU` records `aten::gelu` (approximate kwarg, bumped to
   10), and 1.11 reads at most version 9. Without gelu the stamp stays at 3..9 (`aten::div` is 4).
@@ -14,7 +14,8 @@ GELU through erf, attention written out with matmul + softmax on `in_proj` weigh
 through `F.layer_norm`, and the resize through the very upsample op `F.interpolate` calls
 (`_upsample_bicubic2d_aa` etc.), so the numbers match the eager model. The archive is saved as
 torch writes it (`torch.jit.save` has no version option, and the version record is not
-rewritten): the check below proves the stamp is one 1.11 reads. It loses the fused attention kernels, so the default export stays the fast one.
+rewritten): the check below proves the stamp is one 1.11 reads. It loses the fused attention
+kernels, so the default export stays the fast one.
 
 fp16 weights: 1.11 has no CPU kernels for half layer norm, softmax, erf or conv, so the compat
 model keeps fp16 weights in the file but computes in fp32 on CPU and in fp16 on CUDA (the CUDA
@@ -252,7 +253,8 @@ def _check_vision_transformer(visual: nn.Module) -> None:
 
 
 class CompatSubmissionModel(nn.Module):
-    """`SubmissionModel` in torch 1.11 ops: images uint8/float 0..255 -> float32 [B, D], unit norm."""
+    """`SubmissionModel` in torch 1.11 ops: images uint8/float 0..255 -> float32 [B, D], unit
+    norm."""
 
     def __init__(self, preprocess: CompatPreprocess, visual: CompatVisionTransformer,
                  linear: nn.Linear, aspect: bool = False):
@@ -285,7 +287,8 @@ def compat_from_submission(export: SubmissionModel) -> CompatSubmissionModel:
                          "compat export mirrors only preprocess, visual and linear")
     dtype = export.linear.weight.dtype
     if dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"export_compat: weights in {dtype}; only float32 and float16 load in 1.11")
+        raise ValueError(f"export_compat: weights in {dtype}; only float32 and float16 load in "
+                         "1.11")
     compat = CompatSubmissionModel(CompatPreprocess.from_preprocess(export.preprocess),
                                    CompatVisionTransformer(export.visual), export.linear,
                                    aspect=export.aspect_features)
@@ -328,8 +331,8 @@ def check_torch111_archive(path: str | Path) -> None:
                         if any(e.bumped_at_version > TORCH111_MAX_FILE_FORMAT_VERSION
                                for e in entries))
         raise ValueError(f"{path}: archive format version {version}, but torch 1.11 reads at most "
-                         f"{TORCH111_MAX_FILE_FORMAT_VERSION}; an operator versioned after 1.11 was "
-                         f"serialised (one of {bumped})")
+                         f"{TORCH111_MAX_FILE_FORMAT_VERSION}; an operator versioned after 1.11 "
+                         f"was serialised (one of {bumped})")
     missing = sorted(serialized_ops(path) & set(TORCH111_MISSING_OPS))
     if missing:
         raise ValueError(f"{path}: calls operators torch 1.11 lacks: {missing}")

@@ -65,7 +65,6 @@ class StageRun:
 
     ctx: TrainContext
     stage: StageConfig
-    started: float  # time.monotonic() at the stage's start: max_hours counts the cache build
     backbone_trains: bool
     from_cache: bool
     step: StageStep
@@ -97,9 +96,11 @@ def stage_state(model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig) -> 
 
 
 def run_stage(ctx: TrainContext, stage: StageConfig, resume: bool = True) -> StageOutcome:
+    """Train `stage` into `ctx.out_dir/<stage>/` (final.pt; last.pt while it runs), or load it
+    where final.pt exists and `resume`; continue from last.pt where it exists and `resume`."""
     stage_dir = Path(ctx.out_dir) / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    started = time.monotonic()  # max_hours counts the feature-cache build too
     if dist.is_main():
         save_config(ctx.cfg, stage_dir / "config.json")
     final_path, last_path = stage_dir / "final.pt", stage_dir / "last.pt"
@@ -111,7 +112,7 @@ def run_stage(ctx: TrainContext, stage: StageConfig, resume: bool = True) -> Sta
         _drop_resume_state(last_path)  # a finished stage's optimizer state is dead weight
         dist.say(f"{stage.name}: complete, skipped ({final_path} holds its weights)")
         return done
-    run = setup_stage(ctx, stage, started)
+    run = setup_stage(ctx, stage)
     if run.from_cache and not dist.is_main():
         dist.barrier()  # rank 0 trains the head; then its final.pt says whether it finished
         return _finished(ctx, final_path) if final_path.exists() else \
@@ -149,7 +150,7 @@ def run_stage(ctx: TrainContext, stage: StageConfig, resume: bool = True) -> Sta
     return finish_stage(run)
 
 
-def setup_stage(ctx: TrainContext, stage: StageConfig, started: float) -> StageRun:
+def setup_stage(ctx: TrainContext, stage: StageConfig) -> StageRun:
     """The stage's step (optimizer, scaler, EMA), its rows (the feature cache, built here for a
     frozen-backbone stage) and the schedule over them."""
     backbone_trains = trains_backbone(ctx.model, stage)
@@ -169,7 +170,7 @@ def setup_stage(ctx: TrainContext, stage: StageConfig, started: float) -> StageR
                           / stage.grad_accum))
     order_key = {"rows": len(rows), "batch_size": stage.batch_size, "world": world,
                  "grad_accum": stage.grad_accum, "epochs": stage.epochs, "seed": ctx.cfg.seed}
-    return StageRun(ctx, stage, started, backbone_trains, from_cache, step, world, cache, rows,
+    return StageRun(ctx, stage, backbone_trains, from_cache, step, world, cache, rows,
                     order, total_batches, batches_per_epoch,
                     max(1, round(stage.eval_every_epochs * batches_per_epoch)), order_key,
                     selection_key(stage, ctx.evaluator))
