@@ -62,12 +62,12 @@ class Paired:
     @property
     def time_ratio(self) -> float:
         """Median over repeats of ours / baseline time (< 1: ours is faster)."""
-        return statistics.median(o / b for o, b in zip(self.ours_s, self.baseline_s))
+        return statistics.median(o / b for o, b in zip(self.ours_s, self.baseline_s, strict=True))
 
     @property
     def speedup(self) -> float:
         """Median over repeats of baseline / ours time (> 1: ours is faster)."""
-        return statistics.median(b / o for o, b in zip(self.ours_s, self.baseline_s))
+        return statistics.median(b / o for o, b in zip(self.ours_s, self.baseline_s, strict=True))
 
     def to_dict(self) -> dict:
         return {"ours_s": self.ours_s, "baseline_s": self.baseline_s}

@@ -61,13 +61,13 @@ def run(df: pd.DataFrame, repeats: int, loader_epochs: int) -> BenchResult:
     def ours():
         return [dataset[i][0] for i in range(n)]
 
-    rows = list(zip(df["path"].tolist(), df["offset"].tolist(), df["length"].tolist()))
+    rows = list(zip(df["path"].tolist(), df["offset"].tolist(), df["length"].tolist(), strict=True))
 
     def baseline():
         return [baseline_item(*row) for row in rows]
 
     paired = interleaved(ours, baseline, repeats)
-    errors = [mse(a, b) for a, b in zip(ours(), baseline())]
+    errors = [mse(a, b) for a, b in zip(ours(), baseline(), strict=True)]
     psnrs = [psnr_db(e) for e in errors]
     ours_ips, base_ips = n / paired.ours_median_s, n / paired.baseline_median_s
     figures = [

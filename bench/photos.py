@@ -50,7 +50,7 @@ def photo_jpegs(count: int, seed: int = 0, long_side=(400, 800), quality: int = 
 def write_shard(jpegs: list[bytes], path: Path, num_classes: int) -> pd.DataFrame:
     """The shard as a sources table (path, offset, length, label): label = i % num_classes."""
     labels = [i % num_classes for i in range(len(jpegs))]
-    write_tfrecord(path, [encode_example(j, label) for j, label in zip(jpegs, labels)])
+    write_tfrecord(path, [encode_example(j, label) for j, label in zip(jpegs, labels, strict=True)])
     index = index_shard(path, use_cache=False)
     return pd.DataFrame({"path": str(path), "offset": np.asarray(index.offsets, np.int64),
                          "length": np.asarray(index.lengths, np.int64),

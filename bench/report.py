@@ -27,7 +27,7 @@ def rows(figures: list[Figure]) -> list[list[str]]:
 def text_table(figures: list[Figure]) -> str:
     table = [list(COLUMNS)] + rows(figures)
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {f.name}: {f.note}" for f in figures if f.note]
     return "\n".join(lines + ["", "notes:"] + notes)

@@ -72,7 +72,7 @@ class MultiDropoutHead(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(feature_dim, embed_dim) for _ in rates)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        outs = [lin(drop(features)) for drop, lin in zip(self.dropouts, self.linears)]
+        outs = [lin(drop(features)) for drop, lin in zip(self.dropouts, self.linears, strict=True)]
         return torch.stack(outs).mean(0)
 
     def fold(self) -> nn.Linear:

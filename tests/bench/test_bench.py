@@ -24,7 +24,8 @@ FIGURE_NAMES = {
                "stage1_reference_schedule_cpu_s"},
     "knn": {"knn_time_ratio_vs_faiss", "knn_identical_neighbours"},
     "export": {"export_latency_ratio_vs_eager_b1", "export_latency_ratio_vs_eager_b2",
-               "export_compat_latency_ratio_vs_eager_b1", "export_compat_latency_ratio_vs_eager_b2"},
+               "export_compat_latency_ratio_vs_eager_b1",
+               "export_compat_latency_ratio_vs_eager_b2"},
 }
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from guie.config import ExperimentConfig, StageConfig
-from guie.kaggle.platform import MACHINE_SHAPES, OUTPUT_CAP_BYTES, PlatformError, check_machine_shape
+from guie.kaggle.platform import (MACHINE_SHAPES, OUTPUT_CAP_BYTES, PlatformError,
+                                  check_machine_shape)
 from guie.plan import measurements, memory, timing
 from guie.plan.gpus import GIB, gpu_of
 from guie.plan.memory import MemoryTerm, StageSetup

@@ -22,12 +22,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for avg, p in zip(self.shadow, self.params):
+        for avg, p in zip(self.shadow, self.params, strict=True):
             avg.lerp_(p.detach(), 1.0 - self.decay)
 
     @torch.no_grad()
     def swap_in(self) -> None:
-        for avg, p in zip(self.shadow, self.params):
+        for avg, p in zip(self.shadow, self.params, strict=True):
             p.copy_(avg)
 
     def state_dict(self) -> dict:
@@ -37,7 +37,7 @@ class EMA:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError(f"EMA state tracks {len(state['shadow'])} tensors, this stage "
                              f"{len(self.shadow)}: the checkpoint is from another stage config")
-        for avg, saved in zip(self.shadow, state["shadow"]):
+        for avg, saved in zip(self.shadow, state["shadow"], strict=True):
             avg.copy_(saved)
 
 

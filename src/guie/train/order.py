@@ -59,7 +59,7 @@ class BatchSampler:
     def __iter__(self):
         for b in range(self.start, self.stop):
             indices, seeds = self.order.batch(b)
-            yield list(zip(indices.tolist(), seeds.tolist()))
+            yield list(zip(indices.tolist(), seeds.tolist(), strict=True))
 
 
 class SeededDataset(Dataset):
