@@ -48,12 +48,13 @@ def knn(
 
     `exclude_self` drops the diagonal (leave-one-out when queries are the index itself). CPU
     tensors go through `_knn_cpu` (faster than faiss's IndexFlatL2 on the same data: figure
-    `knn_time_ratio_vs_faiss` of `python -m guie.bench`); CUDA tensors through a chunked matmul +
+    `knn_time_ratio_vs_faiss` of `python -m bench`); CUDA tensors through a chunked matmul +
     topk on the device. Memory stays bounded: queries are processed at most `chunk_size` (CPU:
     256) at a time.
     """
     if queries.ndim != 2 or index.ndim != 2 or queries.shape[1] != index.shape[1]:
-        raise ValueError(f"knn: shapes {tuple(queries.shape)} and {tuple(index.shape)} do not match")
+        raise ValueError(f"knn: shapes {tuple(queries.shape)} and {tuple(index.shape)} "
+                         "do not match")
     k = min(k, index.shape[0] - int(exclude_self))
     if k <= 0 or queries.shape[0] == 0:
         return (torch.empty(queries.shape[0], max(k, 0), device=queries.device),
@@ -224,7 +225,8 @@ def evaluate_embeddings(
     missing = classes[pos] != query_labels
     if missing.any():
         qi = int(np.flatnonzero(missing)[0])
-        raise ValueError(f"query {qi} (label {query_labels[qi]}) has no relevant image in the index")
+        raise ValueError(f"query {qi} (label {query_labels[qi]}) "
+                         "has no relevant image in the index")
     window = np.minimum(counts[pos], k)  # [Q]: min(n_q, k)
     hits = index_labels[nn_idx.numpy()] == query_labels[:, None]  # [Q, k]
     in_window = np.arange(hits.shape[1])[None, :] < window[:, None]

@@ -1,11 +1,11 @@
-"""Time estimates: consistent with guie.bench.estimates, replaced by a committed GPU run."""
+"""Time estimates: consistent with guie.plan.estimates, replaced by a committed GPU run."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from guie.bench import estimates
+from guie.plan import estimates
 from guie.plan import gpus, timing
 
 VIT_H_FLOP = estimates.VIT_H_FORWARD_GFLOP * 1e9

@@ -12,7 +12,7 @@ decoding the full image and two thirds in PIL's resize of it (field guide sectio
   scale, so the pixels are identical (tests/data/test_decode.py), about 25% faster because
   it decodes straight into a numpy array (PIL copies its RGBX image out through `tobytes`).
 
-`python -m guie.bench` measures it (figure `decode_speedup`) and the PSNR against the
+`python -m bench` measures it (figure `decode_speedup`) and the PSNR against the
 full-resolution path. Non-JPEG images decode at full size. Both backends share the bomb guard
 and pixel cap of `guie.data.guarded_decode`.
 """

@@ -2,16 +2,16 @@
 
 Every number here is an ESTIMATE with its basis in `source`; nothing here was measured on the GPU
 it describes (no GPU was lent to this work). Throughput is an effective TFLOP/s for a ViT-H-14
--like workload, derived from the published anchors in `guie.bench.estimates` (and field guide
+-like workload, derived from the published anchors in `guie.plan.estimates` (and field guide
 section 7), so that a model of F FLOPs per image runs at effective / F images per second. A
-committed GPU measurement (`bench/*.json` from `python -m guie.bench --gpu`) replaces these for
+committed GPU measurement (`bench/*.json` from `python -m bench --gpu`) replaces these for
 the device it was taken on (`guie.plan.timing.bench_measurement`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guie.bench import estimates
+from guie.plan import estimates
 from guie.kaggle.platform import MachineShape
 
 GIB = 2**30
@@ -48,13 +48,13 @@ GPUS = {
         "T4", _T4_INFER_TFLOPS, _T4_TRAIN_TFLOPS,
         f"estimate: one ViT-H-14 pass over {estimates.TEST_IMAGES:,} images in ~1.4 h on a T4 "
         f"({estimates.T4_INFERENCE_IMG_S:.1f} img/s), training at 1/4.5 of it "
-        "(guie.bench.estimates)",
+        "(guie.plan.estimates)",
         "memory-efficient",
         "T4 (sm75) has no flash attention (PyTorch's flash kernel needs sm80+): " + _FUSED,
         0.4, _CONTEXT_NOTE),
     "P100": GpuFacts(
         "P100", _T4_INFER_TFLOPS * estimates.P100_VS_T4, _T4_TRAIN_TFLOPS * estimates.P100_VS_T4,
-        f"estimate: {estimates.P100_VS_T4} x a T4 (guie.bench.estimates)", "memory-efficient",
+        f"estimate: {estimates.P100_VS_T4} x a T4 (guie.plan.estimates)", "memory-efficient",
         "P100 (sm60) has no flash attention: " + _FUSED, 0.4, _CONTEXT_NOTE),
     "L4": GpuFacts(
         "L4", _T4_INFER_TFLOPS * _L4_VS_T4, _T4_TRAIN_TFLOPS * _L4_VS_T4,
@@ -86,7 +86,7 @@ ALLOCATOR_NOTE = ("+8% of the allocated peak for the caching allocator's roundin
 # Time assumptions.
 STEP_FLOOR_S = estimates.STAGE1_STEP_S["T4"]  # launch-bound small steps (head stages)
 STEP_FLOOR_NOTE = (f"assumed: at least {STEP_FLOOR_S * 1e3:.0f} ms per step of a head-only "
-                   "stage (kernel launches and an AdamW update; guie.bench.estimates)")
+                   "stage (kernel launches and an AdamW update; guie.plan.estimates)")
 TWO_GPU_SCALING = estimates.TWO_GPU_SCALING
 
 
@@ -99,5 +99,5 @@ def gpu_of(shape: MachineShape) -> GpuFacts | None:
 
 
 def multi_gpu_speedup(gpus: int) -> float:
-    """Throughput of `gpus` GPUs under DDP against one (2xT4: 1.8, guie.bench.estimates)."""
+    """Throughput of `gpus` GPUs under DDP against one (2xT4: 1.8, guie.plan.estimates)."""
     return 1.0 if gpus <= 1 else TWO_GPU_SCALING * gpus / 2

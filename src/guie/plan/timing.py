@@ -2,7 +2,7 @@
 sessions of `max_hours` and the share of Kaggle's weekly GPU quota.
 
 Throughput = an effective TFLOP/s for the GPU (`guie.plan.gpus`: estimates from published
-anchors, or a committed `python -m guie.bench --gpu` measurement of that GPU in bench/) divided
+anchors, or a committed `python -m bench --gpu` measurement of that GPU in bench/) divided
 by the FLOPs per image, counted on the meta device for the stage's backbone, input size and
 stride. A full-backbone step costs 3x the forward (forward, backward to inputs, to weights);
 frozen blocks below the trained ones run forward only; gradient checkpointing adds one more
@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from guie.bench import estimates
+from guie.plan import estimates
 from guie.plan import gpus
 from guie.plan.gpus import GpuFacts
 
@@ -38,7 +38,7 @@ class Rate:
 
 
 def bench_measurement(gpu: GpuFacts, bench_dir: Path = BENCH_DIR) -> Rate | None:
-    """A committed `guie.bench --gpu` run on this GPU: its ViT-H stage-2 img/s and export
+    """A committed `python -m bench --gpu` run on this GPU: its ViT-H stage-2 img/s and export
     inference img/s as effective TFLOP/s."""
     for path in sorted(bench_dir.glob("*.json")) if bench_dir.is_dir() else ():
         try:
