@@ -29,7 +29,8 @@ def official(frame, embeddings, query_rows, index_rows):
     domains = {}
     for q, p in per_query.items():
         domains.setdefault(frame.domain[q], []).append(p)
-    return float(np.mean(list(per_query.values()))), {d: float(np.mean(v)) for d, v in domains.items()}
+    return (float(np.mean(list(per_query.values()))),
+            {d: float(np.mean(v)) for d, v in domains.items()})
 
 
 def test_leave_one_out_equals_the_official_metric():
@@ -37,8 +38,8 @@ def test_leave_one_out_equals_the_official_metric():
     labels = rng.integers(0, 12, 90).tolist()
     domains = ["landmarks" if x < 6 else "faces" for x in labels]
     frame = frame_of(labels, domains, [True] * 90)
-    embeddings = torch.nn.functional.normalize(torch.randn(90, 16, generator=torch.Generator().manual_seed(1))
-                                               + torch.tensor(labels)[:, None] * 0.05, dim=1)
+    noise = torch.randn(90, 16, generator=torch.Generator().manual_seed(1))
+    embeddings = torch.nn.functional.normalize(noise + torch.tensor(labels)[:, None] * 0.05, dim=1)
     score = score_source("b", frame, embeddings)
     overall, per_domain = official(frame, embeddings, range(90), range(90))
     assert abs(score.map5 - overall) < 1e-12
@@ -51,7 +52,8 @@ def test_leave_one_out_equals_the_official_metric():
 def test_queries_against_the_rest_equal_the_official_metric():
     labels = [c for c in range(8) for _ in range(4)]
     frame = frame_of(labels, ["d"] * 32, [i % 4 == 0 for i in range(32)])
-    embeddings = torch.nn.functional.normalize(torch.randn(32, 8, generator=torch.Generator().manual_seed(2)), dim=1)
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(32, 8, generator=torch.Generator().manual_seed(2)), dim=1)
     score = score_source("b", frame, embeddings)
     queries = [i for i in range(32) if i % 4 == 0]
     overall, _ = official(frame, embeddings, queries, [i for i in range(32) if i % 4])

@@ -12,7 +12,7 @@ from guie.losses import ArcFace, CosFace, class_margins_from_counts, margin_at
 def naive_arcface(emb, weight, labels, num_classes, k, s, m):
     """Per-sample, per-class re-implementation in float64: the oracle."""
     total = 0.0
-    for e, y in zip(emb.double(), labels.tolist()):
+    for e, y in zip(emb.double(), labels.tolist(), strict=True):
         e = e / e.norm()
         logits = []
         for c in range(num_classes):

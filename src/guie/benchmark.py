@@ -41,7 +41,8 @@ class SourceScore:
 
 def score_source(name: str, frame: pd.DataFrame, embeddings: torch.Tensor, k: int = 5,
                  worst: int = 20, dropped_duplicates: int = 0) -> SourceScore:
-    """embeddings[i] is frame row i's embedding; frame has path, label, domain, class_name, query."""
+    """embeddings[i] is frame row i's embedding; frame has path, label, domain, class_name,
+    query."""
     if len(frame) != embeddings.shape[0]:
         raise ValueError(f"{name}: {len(frame)} rows but {embeddings.shape[0]} embeddings")
     labels = frame["label"].to_numpy()
@@ -62,7 +63,8 @@ def score_source(name: str, frame: pd.DataFrame, embeddings: torch.Tensor, k: in
         dist, nn = knn(embeddings, embeddings, k, exclude_self=True)
         dist, nn = dist[torch.from_numpy(queries)], nn[torch.from_numpy(queries)]
     else:
-        dist, nn = knn(embeddings[torch.from_numpy(queries)], embeddings[torch.from_numpy(index)], k)
+        dist, nn = knn(embeddings[torch.from_numpy(queries)],
+                       embeddings[torch.from_numpy(index)], k)
         nn = torch.from_numpy(index)[nn]  # [Q, k]: back to frame rows
     scored = []
     for row, q in enumerate(queries.tolist()):

@@ -94,8 +94,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         print("[dry run] built everything; nothing is sent to Kaggle.")
-        list_folder(f"dataset {source.ref} (src/ uploads as one zip; hash {source.content_hash[:12]})",
-                     source.folder, {"dataset-metadata.json": read_json(source.folder / "dataset-metadata.json")})
+        list_folder(f"dataset {source.ref} (src/ uploads as one zip; "
+                    f"hash {source.content_hash[:12]})",
+                    source.folder,
+                    {"dataset-metadata.json": read_json(source.folder / "dataset-metadata.json")})
         print(f"dataset {build.wheels_ref}: sent only if missing or its pins changed, from "
               f"{args.wheels_from or 'pip download'} {' '.join(requirements)} (pure-Python wheels "
               f"for Python {facts.python_version}, from {facts.source})")
@@ -120,7 +122,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     def push(kind: str) -> None:
         result = client.push_kernel(folders[kind])
         run = plans[kind].parameters.get("run") or plans[kind].parameters.get("expected_run")
-        kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version, "run": run}
+        kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version,
+                         "run": run}
         print(f"kernel {result.ref} version {result.version}: {result.url}")
         save_state(args, new_state)
 
@@ -182,7 +185,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = load_state(args)
     client = connect()
     failed = False
-    watched = {**state.get("kernels", {}), **({"probe": state["probe"]} if "probe" in state else {})}
+    watched = {**state.get("kernels", {}),
+               **({"probe": state["probe"]} if "probe" in state else {})}
     for kind, info in watched.items():
         ref = info["ref"]
         if args.wait:
@@ -193,7 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                     last.append(status.state)
                     print(f"{kind:6s} {status.ref}: {status.state}", flush=True)
             status = client.wait_kernel(ref, poll_s=args.poll_s, on_poll=show)
-            output = client.download_kernel_output(ref, Path(args.workdir) / "outputs" / ref.split("/")[1])
+            output = client.download_kernel_output(
+                ref, Path(args.workdir) / "outputs" / ref.split("/")[1])
             print(f"{kind:6s} {ref}: {len(output.files)} output files and the log in "
                   f"{Path(args.workdir) / 'outputs' / ref.split('/')[1]}")
             if status.state == "ERROR":
@@ -202,7 +207,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             record = next((f for f in output.files if f.name == PROBE_OUTPUT), None)
             if kind == "probe" and record is not None:
                 shutil.copy2(record, Path(args.workdir) / PLATFORM_RECORD)
-                print(f"probe: Kaggle's platform recorded in {Path(args.workdir) / PLATFORM_RECORD}; "
+                print("probe: Kaggle's platform recorded in "
+                      f"{Path(args.workdir) / PLATFORM_RECORD}; "
                       "push uses it from now on")
         else:
             status = client.kernel_status(ref)
@@ -298,7 +304,8 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
     title = args.title or f"GUIE weights {path.stem}"[:50]
     meta = {"id": f"{owner}/{slug}", "title": title, "licenses": [{"name": args.license}],
             "description": f"{path.name}, uploaded by the GUIE kit's `submit.py push-weights`."}
-    packed = packaging.pack_file_dataset(path, Path(args.workdir) / "datasets" / slug, meta, secrets)
+    packed = packaging.pack_file_dataset(path, Path(args.workdir) / "datasets" / slug, meta,
+                                         secrets)
     value = f"kaggle:{packed.ref}/{path.name}"  # resolved by the kernels in any mount layout
     if args.dry_run:
         print("[dry run] nothing is sent to Kaggle.")
@@ -308,7 +315,8 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
         return 0
     result = client.push_dataset(packed.folder, f"{path.name} sha256 {packed.content_hash[:12]}",
                                  progress=True)
-    print(f"dataset {result.ref}: {'created' if result.created else 'new version'}; waiting until ready")
+    print(f"dataset {result.ref}: {'created' if result.created else 'new version'}; "
+          "waiting until ready")
     client.wait_dataset_ready(result.ref, poll_s=args.poll_s)
     print(f"ready: {result.url}\nin a config or as an override: model.pretrained_path={value}\n"
           "(`push` then attaches the dataset to both kernels itself)")
@@ -321,7 +329,8 @@ def cmd_push_weights(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     common = common_args
 
-    p = subparsers.add_parser("push", help="pack the source, build both kernels, push them to Kaggle")
+    p = subparsers.add_parser("push",
+                              help="pack the source, build both kernels, push them to Kaggle")
     p.add_argument("--config", default="smoke", help="shipped config name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--kernels", choices=("both", "train", "infer"), default="both")
@@ -329,7 +338,8 @@ def register(subparsers) -> None:
     p.add_argument("--compat", choices=("none", "torch1.11"), default="none")
     p.add_argument("--data-root", default="",
                    help="data root on Kaggle for the config's relative locations ('' keeps the "
-                        "config's; sources with a kaggle_slug are found wherever Kaggle mounts them)")
+                        "config's; sources with a kaggle_slug are found wherever Kaggle mounts "
+                        "them)")
     p.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG",
                    help="extra dataset to attach to both kernels (weights; repeatable)")
     p.add_argument("--resume-kernel", default=None, metavar="OWNER/SLUG",
@@ -337,7 +347,8 @@ def register(subparsers) -> None:
     machine_args(p)
     p.add_argument("--wait", action="store_true",
                    help="push training, wait until it has finished, then push inference on it")
-    p.add_argument("--public", action="store_true", help="make the kernels public (default private)")
+    p.add_argument("--public", action="store_true",
+                   help="make the kernels public (default private)")
     p.add_argument("--train-internet", action="store_true",
                    help="internet on for the training kernel (inference is always offline)")
     p.add_argument("--wheels-from", default=None, metavar="DIR",
@@ -345,8 +356,10 @@ def register(subparsers) -> None:
     common(p, poll=True)
     p.set_defaults(func=cmd_push)
 
-    p = subparsers.add_parser("status", help="state of the pushed kernels; --wait downloads outputs")
-    p.add_argument("--wait", action="store_true", help="poll until done, then download output + log")
+    p = subparsers.add_parser("status",
+                              help="state of the pushed kernels; --wait downloads outputs")
+    p.add_argument("--wait", action="store_true",
+                   help="poll until done, then download output + log")
     p.add_argument("--log-lines", type=int, default=40, help="log lines shown for a failed kernel")
     common(p, dry_run=False, poll=True)
     p.set_defaults(func=cmd_status)
@@ -360,7 +373,8 @@ def register(subparsers) -> None:
     common(p)
     p.set_defaults(func=cmd_submit)
 
-    p = subparsers.add_parser("leaderboard", help="own submissions and the leaderboard, with history")
+    p = subparsers.add_parser("leaderboard",
+                              help="own submissions and the leaderboard, with history")
     p.add_argument("--top", type=int, default=20, help="leaderboard rows to fetch")
     p.add_argument("--download", action="store_true", help="also download the full leaderboard zip")
     common(p, dry_run=False)

@@ -40,7 +40,8 @@ def save_state(args: argparse.Namespace, state: dict) -> None:
 
 
 def git_commit(repo: Path = REPO) -> str:
-    """Short commit of the working tree, '-dirty' when tracked files changed; 'unknown' without git."""
+    """Short commit of the working tree, '-dirty' when tracked files changed; 'unknown' without
+    git."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -123,7 +124,8 @@ def owned_config(args: argparse.Namespace, owner: str):
     pushing user's name into the config's `kaggle:KAGGLE_USERNAME/...` references."""
     from guie.kaggle.notebooks import kernel_config, owner_overrides
 
-    overrides = [*args.overrides, *owner_overrides(kernel_config(args.config, args.overrides), owner)]
+    overrides = [*args.overrides,
+                 *owner_overrides(kernel_config(args.config, args.overrides), owner)]
     return kernel_config(args.config, overrides), overrides
 
 

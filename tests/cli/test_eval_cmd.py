@@ -40,7 +40,8 @@ def test_eval_scores_each_source_per_domain_like_the_metric(tmp_path, capsys):
     build_folders(tmp_path / "mine", ["colorwheel", "microaneurysms", "horse"])
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tmp_path / "submission.zip"), "--source",
-                 f"gpr1200:{tmp_path / 'GPR1200'}", "--source", f"folders:{tmp_path / 'mine'}:memes",
+                 f"gpr1200:{tmp_path / 'GPR1200'}",
+                 "--source", f"folders:{tmp_path / 'mine'}:memes",
                  "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"GPR1200", "mine"}

@@ -75,7 +75,8 @@ def test_csv_errors_name_file_row_field(tmp_path, rows, header, pattern):
 def test_csv_missing_image(tmp_path):
     _csv(tmp_path, [("a.jpg", 0), ("b.jpg", 1)])
     (tmp_path / "b.jpg").unlink()
-    with pytest.raises(DataError, match=r"labels\.csv: row 2 \(line 3\), field 'path': image 'b\.jpg'"):
+    with pytest.raises(DataError,
+                       match=r"labels\.csv: row 2 \(line 3\), field 'path': image 'b\.jpg'"):
         load_source(DataSource(name="c", kind="csv", location="labels.csv"), tmp_path)
 
 

@@ -49,7 +49,7 @@ def test_round_trip(tmp_path):
     assert len(idx) == 5 and idx.num_bad == 0 and idx.domains is None
     assert idx.labels.tolist() == [100, 101, 102, 103, 104]
     assert idx.offsets.dtype == np.int64 and idx.offsets[0] == 12
-    for i, (off, length) in enumerate(zip(idx.offsets, idx.lengths)):
+    for i, (off, length) in enumerate(zip(idx.offsets, idx.lengths, strict=True)):
         data = read_record(str(path), int(off), int(length), verify_crc=True)
         assert data == records[i]
         assert read_record(str(path), int(off), int(length), verify_crc=False) == data

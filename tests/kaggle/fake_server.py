@@ -178,21 +178,36 @@ class FakeKaggle:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._handlers: dict[str, tuple[type, Callable[[Any, dict], dict | bytes]]] = {
-            "datasets.DatasetApiService/GetDatasetStatus": (ds.ApiGetDatasetStatusRequest, self._dataset_status),
-            "datasets.DatasetApiService/CreateDataset": (ds.ApiCreateDatasetRequest, self._create_dataset),
-            "datasets.DatasetApiService/CreateDatasetVersion": (ds.ApiCreateDatasetVersionRequest, self._create_version),
-            "datasets.DatasetApiService/GetDataset": (ds.ApiGetDatasetRequest, self._get_dataset),
-            "datasets.DatasetApiService/ListDatasetFiles": (ds.ApiListDatasetFilesRequest, self._list_dataset_files),
-            "datasets.DatasetApiService/DownloadDataset": (ds.ApiDownloadDatasetRequest, self._download_dataset),
-            "blobs.BlobApiService/StartBlobUpload": (blobs.ApiStartBlobUploadRequest, self._start_blob),
-            "kernels.KernelsApiService/SaveKernel": (kernels.ApiSaveKernelRequest, self._save_kernel),
-            "kernels.KernelsApiService/GetKernelSessionStatus": (kernels.ApiGetKernelSessionStatusRequest, self._kernel_status),
-            "kernels.KernelsApiService/ListKernelSessionOutput": (kernels.ApiListKernelSessionOutputRequest, self._kernel_output),
-            "competitions.CompetitionApiService/CreateCodeSubmission": (comps.ApiCreateCodeSubmissionRequest, self._submit),
-            "competitions.CompetitionApiService/ListSubmissions": (comps.ApiListSubmissionsRequest, self._list_submissions),
-            "competitions.CompetitionApiService/GetSubmissionLimits": (comps.ApiGetSubmissionLimitsRequest, self._limits),
-            "competitions.CompetitionApiService/GetLeaderboard": (comps.ApiGetLeaderboardRequest, self._leaderboard),
-            "competitions.CompetitionApiService/DownloadLeaderboard": (comps.ApiDownloadLeaderboardRequest, self._download_leaderboard),
+            "datasets.DatasetApiService/GetDatasetStatus":
+                (ds.ApiGetDatasetStatusRequest, self._dataset_status),
+            "datasets.DatasetApiService/CreateDataset":
+                (ds.ApiCreateDatasetRequest, self._create_dataset),
+            "datasets.DatasetApiService/CreateDatasetVersion":
+                (ds.ApiCreateDatasetVersionRequest, self._create_version),
+            "datasets.DatasetApiService/GetDataset":
+                (ds.ApiGetDatasetRequest, self._get_dataset),
+            "datasets.DatasetApiService/ListDatasetFiles":
+                (ds.ApiListDatasetFilesRequest, self._list_dataset_files),
+            "datasets.DatasetApiService/DownloadDataset":
+                (ds.ApiDownloadDatasetRequest, self._download_dataset),
+            "blobs.BlobApiService/StartBlobUpload":
+                (blobs.ApiStartBlobUploadRequest, self._start_blob),
+            "kernels.KernelsApiService/SaveKernel":
+                (kernels.ApiSaveKernelRequest, self._save_kernel),
+            "kernels.KernelsApiService/GetKernelSessionStatus":
+                (kernels.ApiGetKernelSessionStatusRequest, self._kernel_status),
+            "kernels.KernelsApiService/ListKernelSessionOutput":
+                (kernels.ApiListKernelSessionOutputRequest, self._kernel_output),
+            "competitions.CompetitionApiService/CreateCodeSubmission":
+                (comps.ApiCreateCodeSubmissionRequest, self._submit),
+            "competitions.CompetitionApiService/ListSubmissions":
+                (comps.ApiListSubmissionsRequest, self._list_submissions),
+            "competitions.CompetitionApiService/GetSubmissionLimits":
+                (comps.ApiGetSubmissionLimitsRequest, self._limits),
+            "competitions.CompetitionApiService/GetLeaderboard":
+                (comps.ApiGetLeaderboardRequest, self._leaderboard),
+            "competitions.CompetitionApiService/DownloadLeaderboard":
+                (comps.ApiDownloadLeaderboardRequest, self._download_leaderboard),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -277,7 +292,8 @@ class FakeKaggle:
                 body = None
             self.calls.append((method, body))
             try:
-                if auth != "Basic " + base64.b64encode(f"{self.username}:{self.key}".encode()).decode():
+                expected = base64.b64encode(f"{self.username}:{self.key}".encode()).decode()
+                if auth != "Basic " + expected:
                     raise ApiError(401, "Unauthenticated")
                 for fault in self.faults:
                     if fault.rpc == method and fault.times > 0:
@@ -303,7 +319,8 @@ class FakeKaggle:
     def handle_put(self, token: str, headers: Any, body: bytes) -> tuple[int, dict]:
         with self._lock:
             self.raw_bodies.append(body)
-            self.calls.append(("PUT", {"token": token, "content_range": headers.get("Content-Range")}))
+            self.calls.append(("PUT", {"token": token,
+                                       "content_range": headers.get("Content-Range")}))
             blob = self.blobs.get(token)
             if blob is None:
                 return 404, {}
@@ -322,7 +339,7 @@ class FakeKaggle:
             blob.data[start:] = body
             return (200 if blob.complete else 308), {}
 
-    # -- RPC handlers -------------------------------------------------------------------------------
+    # -- RPC handlers -----------------------------------------------------------------------------
 
     def _owner_check(self, owner: str, what: str) -> None:
         if owner != self.username:
@@ -381,7 +398,8 @@ class FakeKaggle:
 
     def _readable_dataset(self, owner: str, slug: str) -> Dataset:
         dataset = self.datasets.get(f"{owner}/{slug}")
-        if dataset is None or (dataset.is_private and owner != self.username) or not dataset.versions:
+        if (dataset is None or (dataset.is_private and owner != self.username)
+                or not dataset.versions):
             raise ApiError(404, f"Dataset {owner}/{slug} not found")
         return dataset
 
@@ -456,8 +474,10 @@ class FakeKaggle:
         return {"token": token, "createUrl": f"{self.url}/upload/{token}"}
 
     def _save_kernel(self, req: Any, raw: dict) -> dict:
-        if not req.slug or not req.text or req.language != "python" or req.kernel_type != "notebook":
-            raise ApiError(400, "SaveKernel: slug, text, language python, kernelType notebook required")
+        if (not req.slug or not req.text or req.language != "python"
+                or req.kernel_type != "notebook"):
+            raise ApiError(400, "SaveKernel: slug, text, language python, "
+                                "kernelType notebook required")
         owner = req.slug.split("/")[0]
         self._owner_check(owner, "SaveKernel")
         notebook = json.loads(req.text)
@@ -510,7 +530,8 @@ class FakeKaggle:
         if self.reject_submission:
             raise ApiError(400, self.reject_submission)
         self.add_submission(req.submission_description or "", status="PENDING")
-        return {"message": "Your submission was successfully saved", "ref": self.submissions[-1]["ref"]}
+        return {"message": "Your submission was successfully saved",
+                "ref": self.submissions[-1]["ref"]}
 
     def _list_submissions(self, req: Any, raw: dict) -> dict:
         if req.competition_name != COMPETITION:
@@ -539,7 +560,8 @@ class FakeKaggle:
 
     def _download_leaderboard(self, req: Any, raw: dict) -> bytes:
         lines = ["TeamId,TeamName,LastSubmissionDate,Score"] + [
-            f"{e['teamId']},{e['teamName']},{e['submissionDate']},{e['score']}" for e in self.leaderboard]
+            f"{e['teamId']},{e['teamName']},{e['submissionDate']},{e['score']}"
+            for e in self.leaderboard]
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as z:
             z.writestr(f"{COMPETITION}-publicleaderboard.csv", "\n".join(lines) + "\n")

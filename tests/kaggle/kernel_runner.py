@@ -66,7 +66,8 @@ class NotebookRunner:
         env = {**os.environ, "GUIE_NPROC": "1"}
         env.pop("HTTP_PROXY", None), env.pop("http_proxy", None)
         done = subprocess.run([self.python, "-c", PAPERMILL, str(notebook),
-                               str(base / "executed.ipynb"), str(base), str(base / "parameters.json")],
+                               str(base / "executed.ipynb"), str(base),
+                               str(base / "parameters.json")],
                               capture_output=True, text=True, env=env, timeout=1500)
         log = [{"stream_name": "stdout", "time": 1.0, "data": done.stdout},
                {"stream_name": "stderr", "time": 2.0, "data": done.stderr}]

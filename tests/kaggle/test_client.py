@@ -16,7 +16,8 @@ from guie.kaggle.results import (AuthError, ConflictError, DailyCapReached, Kagg
 from guie.kaggle.notebooks import kernel_metadata
 
 
-def make_dataset(tmp_path: Path, slug: str = "guie-kit-src", payload: bytes = b"x = 1\n" * 500) -> Path:
+def make_dataset(tmp_path: Path, slug: str = "guie-kit-src",
+                 payload: bytes = b"x = 1\n" * 500) -> Path:
     folder = tmp_path / slug
     (folder / "src" / "guie").mkdir(parents=True)
     (folder / "src" / "guie" / "__init__.py").write_bytes(payload)
@@ -104,7 +105,8 @@ def test_404_just_after_creating_is_tolerated(client, fake_kaggle, tmp_path):
 
 
 def test_slug_conflict_409_is_reported_not_retried(client, fake_kaggle, tmp_path):
-    fake_kaggle.fail("CreateDataset", 409, message="The dataset slug 'guie-kit-src' is already in use")
+    fake_kaggle.fail("CreateDataset", 409,
+                     message="The dataset slug 'guie-kit-src' is already in use")
     with pytest.raises(ConflictError, match="already in use"):
         client.push_dataset(make_dataset(tmp_path), "first")
     assert len(fake_kaggle.rpc_calls("CreateDataset")) == 1
@@ -150,7 +152,8 @@ def test_backoff_grows_and_has_jitter():
     policy = RetryPolicy(initial_delay_s=1, multiplier=2, max_delay_s=10)
     delays = [policy.delay_s(a, None) for a in range(6) for _ in range(20)]
     assert all(0.5 <= d <= 10 for d in delays) and len(set(delays)) > 20
-    assert max(policy.delay_s(0, None) for _ in range(50)) <= 1 < min(policy.delay_s(3, None) for _ in range(50))
+    assert (max(policy.delay_s(0, None) for _ in range(50)) <= 1
+            < min(policy.delay_s(3, None) for _ in range(50)))
     assert policy.delay_s(0, retry_after_s=3) == 3
 
 
@@ -174,7 +177,8 @@ def test_upload_that_breaks_midway_is_resumed(client, fake_kaggle, tmp_path, mod
 def test_malformed_calls_are_rejected_by_the_fake(fake_kaggle):
     auth = (USERNAME, KEY)
     url = f"{fake_kaggle.url}/v1/datasets.DatasetApiService/GetDatasetStatus"
-    answer = requests.post(url, json={"ownerSlug": USERNAME, "datasetSlug": "x", "bogus": 1}, auth=auth)
+    answer = requests.post(url, json={"ownerSlug": USERNAME, "datasetSlug": "x", "bogus": 1},
+                           auth=auth)
     assert answer.status_code == 400 and "bogus" in answer.json()["message"]
     answer = requests.post(url, json={"ownerSlug": 3, "datasetSlug": "x"}, auth=auth)
     assert answer.status_code == 400 and "ownerSlug" in answer.json()["message"]
@@ -195,7 +199,8 @@ def test_kernel_push_status_and_output(client, fake_kaggle, tmp_path):
     assert saved["competitionDataSources"] == ["google-universal-image-embedding"]
     assert saved["machineShape"] == "NvidiaTeslaT4" and saved["isPrivate"] is True
     notebook = json.loads(saved["text"])
-    assert notebook["cells"][0]["outputs"] == [] and notebook["cells"][0]["source"] == "print(1)\nprint(2)"
+    assert (notebook["cells"][0]["outputs"] == []
+            and notebook["cells"][0]["source"] == "print(1)\nprint(2)")
 
     log = json.dumps([{"stream_name": "stdout", "time": 1.0, "data": "epoch 1\n"}])
     fake_kaggle.add_kernel_run(pushed.ref, [("RUNNING", ""), ("COMPLETE", "")],
@@ -238,7 +243,8 @@ def test_kernel_push_with_unknown_sources_fails(client, fake_kaggle, tmp_path):
 def test_pushing_as_another_owner_is_a_clear_403(client, fake_kaggle, tmp_path):
     folder = make_kernel(tmp_path)
     meta = json.loads((folder / "kernel-metadata.json").read_text())
-    (folder / "kernel-metadata.json").write_text(json.dumps({**meta, "id": "someone-else/guie-infer-smoke"}))
+    (folder / "kernel-metadata.json").write_text(
+        json.dumps({**meta, "id": "someone-else/guie-infer-smoke"}))
     with pytest.raises(AuthError, match="may not do this .*HTTP 403.*owner in the id"):
         client.push_kernel(folder)
 

@@ -1,7 +1,6 @@
 """`push`, `status`, `submit`, `leaderboard`, `push-weights` end to end against the fake server."""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -17,7 +16,8 @@ from fake_server import default_leaderboard
 from guie.kaggle.packaging import tree_hash
 from guie_cli.main import main
 
-SOURCES = 'data.sources=[{"name": "glr", "kind": "tfrecord", "location": "glr", "kaggle_slug": "someone/glr-mini-tfrecords"}]'
+SOURCES = ('data.sources=[{"name": "glr", "kind": "tfrecord", "location": "glr", '
+           '"kaggle_slug": "someone/glr-mini-tfrecords"}]')
 SRC, WHEELS = f"{USERNAME}/guie-kit-src", f"{USERNAME}/guie-kit-wheels"
 TRAIN, INFER = f"{USERNAME}/guie-train-smoke", f"{USERNAME}/guie-infer-smoke"
 
@@ -41,7 +41,8 @@ def pushed(fake_kaggle, workdir, wheelhouse):
 
 def notebook_parameters(save_kernel_body: dict) -> dict:
     notebook = json.loads(save_kernel_body["text"])
-    injected = [c for c in notebook["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    injected = [c for c in notebook["cells"]
+                if "injected-parameters" in c["metadata"].get("tags", [])]
     namespace: dict = {}
     exec(injected[0]["source"], namespace)
     return {k: v for k, v in namespace.items() if not k.startswith("__")}
@@ -58,7 +59,8 @@ def assert_no_key_sent(fake_kaggle) -> None:
 
 
 def test_push_dry_run_sends_nothing(fake_kaggle, workdir, wheelhouse, capsys):
-    assert cli("push", "--dry-run", "--workdir", workdir, "--wheels-from", str(wheelhouse), SOURCES) == 0
+    assert cli("push", "--dry-run", "--workdir", workdir, "--wheels-from", str(wheelhouse),
+               SOURCES) == 0
     assert fake_kaggle.calls == []
     out = capsys.readouterr().out
     assert "nothing is sent" in out and f"dataset {SRC}" in out and "src/guie/__init__.py" in out
@@ -76,7 +78,8 @@ def test_push_dry_run_works_without_credentials(fake_kaggle, workdir, monkeypatc
     out = capsys.readouterr().out
     assert "your-kaggle-username/guie-kit-src" in out
     assert "warning: no Kaggle credentials found" in out
-    assert f"{home}/.kaggle/kaggle.json when {home}/.kaggle exists, else {home}/.config/kaggle" in out
+    assert (f"{home}/.kaggle/kaggle.json when {home}/.kaggle exists, "
+            f"else {home}/.config/kaggle") in out
     assert "KAGGLE_API_TOKEN" in out
     assert fake_kaggle.calls == []
     assert sorted(home.rglob("*")) == before  # a dry run writes nothing to the user's home
@@ -116,7 +119,8 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
     assert_no_key_sent(fake)
     # the inference kernel went out only after the training kernel had finished
     order = [name for name, _ in fake.calls if name in ("SaveKernel", "GetKernelSessionStatus")]
-    assert order[0] == "SaveKernel" and order[-1] == "SaveKernel" and "GetKernelSessionStatus" in order
+    assert (order[0] == "SaveKernel" and order[-1] == "SaveKernel"
+            and "GetKernelSessionStatus" in order)
 
     out = capsys.readouterr().out
     assert "https://www.kaggle.com/code/fake-user/guie-train-smoke" in out
@@ -139,8 +143,6 @@ def test_a_new_source_version_is_awaited_by_number_not_by_ready(pushed, workdir,
                                                                  monkeypatch, capsys):
     """Right after a new version the status still reads ready (the old version's): kernels pushed
     then would mount the old source. Push waits until the version number has gone up."""
-    import guie.kaggle.packaging as packaging
-
     pushed.stale_version_polls = 3
     state = json.loads((Path(workdir) / "state.json").read_text())
     state["source"]["hash"] = "changed"  # as if the source had changed since the last push
@@ -156,7 +158,8 @@ def test_a_new_source_version_is_awaited_by_number_not_by_ready(pushed, workdir,
 
 
 def test_push_refuses_an_unknown_machine_shape_and_warns_for_a_p100(fake_kaggle, workdir, capsys):
-    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1") == 2  # a user error
+    assert cli("push", "--dry-run", "--workdir", workdir,
+               "--machine-shape", "NvidiaTeslaT4x1") == 2  # a user error
     assert "not a shape the kit knows" in capsys.readouterr().err
     assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1",
                "--allow-unknown-machine-shape") == 0
@@ -196,15 +199,18 @@ def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
 
 
 def test_push_reports_a_slug_conflict(fake_kaggle, workdir, wheelhouse, capsys):
-    fake_kaggle.fail("CreateDataset", 409, message="The dataset slug 'guie-kit-src' is already in use")
-    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 2  # a user error
+    fake_kaggle.fail("CreateDataset", 409,
+                     message="The dataset slug 'guie-kit-src' is already in use")
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse),
+               "--poll-s", "0") == 2  # a user error
     assert "already in use" in capsys.readouterr().err
     assert fake_kaggle.rpc_calls("SaveKernel") == []
 
 
 def test_push_with_bad_credentials_says_so(fake_kaggle, workdir, wheelhouse, monkeypatch, capsys):
     monkeypatch.setenv("KAGGLE_KEY", "wrong-key-0000000000")
-    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0") == 2  # a user error
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse),
+               "--poll-s", "0") == 2  # a user error
     assert "refused the credentials of user 'fake-user'" in capsys.readouterr().err
 
 
@@ -212,7 +218,8 @@ def test_push_with_bad_credentials_says_so(fake_kaggle, workdir, wheelhouse, mon
 
 
 def test_status_wait_downloads_outputs_and_shows_a_failure(pushed, workdir, capsys):
-    log = json.dumps([{"stream_name": "stderr", "time": 1.0, "data": "Traceback: CUDA out of memory\n"}])
+    log = json.dumps([{"stream_name": "stderr", "time": 1.0,
+                       "data": "Traceback: CUDA out of memory\n"}])
     pushed.add_kernel_run(TRAIN, [("RUNNING", ""), ("COMPLETE", "")],
                           {"report.json": b'{"status": "done"}', "stage1/final.pt": b"ckpt"}, "[]")
     pushed.add_kernel_run(INFER, [("ERROR", "Notebook failed")], {}, log)
@@ -309,7 +316,8 @@ def test_push_weights(fake_kaggle, workdir, tmp_path, capsys):
     assert dataset.versions[0] == {"open_clip_vit_h.bin": weights.read_bytes()}
     assert dataset.license_name == "other"
     # the exact value a config takes; push attaches the dataset and the kernel resolves it
-    assert ("model.pretrained_path=kaggle:fake-user/guie-weights-open-clip-vit-h/open_clip_vit_h.bin"
+    assert ("model.pretrained_path="
+            "kaggle:fake-user/guie-weights-open-clip-vit-h/open_clip_vit_h.bin"
             in capsys.readouterr().out)
 
 
@@ -383,7 +391,8 @@ def test_probe_records_the_platform_and_push_uses_it(fake_kaggle, workdir, wheel
                "--kernels", "train", SOURCES) == 0
     out = capsys.readouterr().out
     assert "platform: Python 3.12, current mount layout" in out
-    assert "open_clip_torch will lack what it needs: timm 1.0.9 is installed, but timm>=1.0.17" in out
+    assert ("open_clip_torch will lack what it needs: "
+            "timm 1.0.9 is installed, but timm>=1.0.17") in out
     state = json.loads((Path(workdir) / "state.json").read_text())
     assert state["wheels"]["python_version"] == "3.12" and state["probe"]["ref"] == PROBE
     marker = fake_kaggle.received_files()["guie-wheels.json"]

@@ -53,7 +53,8 @@ def kaggle_image(tmp_path_factory) -> Path:
         if not _excluded(entry.name):
             (shared / entry.name).symlink_to(entry)
     python = root / "venv" / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(python), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "kaggle_image.pth").write_text(f"import site; site.addsitedir({str(shared)!r})\n")
     check = subprocess.run([str(python), "-c", "import torch, papermill, ipykernel, timm\n"

@@ -21,34 +21,41 @@ REPO = Path(__file__).resolve().parents[2]
 def write_template(path: Path, slug: str = "guie-kit-src", title: str = "GUIE kit source",
                    licenses: list | None = None) -> Path:
     path.write_text(json.dumps({"id": f"KAGGLE_USERNAME/{slug}", "title": title,
-                                "licenses": licenses if licenses is not None else [{"name": "CC0-1.0"}]}))
+                                "licenses": (licenses if licenses is not None
+                                             else [{"name": "CC0-1.0"}])}))
     return path
 
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     root = tmp_path / "pkg" / "guie"
-    for rel, text in {"__init__.py": "", "config.py": "A = 1\n", "data/reader.py": "B = 2\n",
-                      "model_configs/tiny.json": "{}", "__pycache__/config.cpython-311.pyc": "junk",
-                      "tests/test_x.py": "", "notes.txt": "not package data", ".env": "SECRET=1",
-                      "guie.egg-info/PKG-INFO": "x", "data/.ipynb_checkpoints/reader.py": ""}.items():
+    files = {"__init__.py": "", "config.py": "A = 1\n", "data/reader.py": "B = 2\n",
+             "model_configs/tiny.json": "{}", "__pycache__/config.cpython-311.pyc": "junk",
+             "tests/test_x.py": "", "notes.txt": "not package data", ".env": "SECRET=1",
+             "guie.egg-info/PKG-INFO": "x", "data/.ipynb_checkpoints/reader.py": ""}
+    for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     return root
 
 
 def test_pack_source_takes_only_code_and_package_data(package, tmp_path):
-    packed = pack_source(package, tmp_path / "out", write_template(tmp_path / "meta.json"), "me", [KEY])
+    packed = pack_source(package, tmp_path / "out", write_template(tmp_path / "meta.json"), "me",
+                         [KEY])
     assert [rel for rel, _ in packed.files] == [
         "src/guie/__init__.py", "src/guie/config.py", "src/guie/data/reader.py",
         "src/guie/model_configs/tiny.json", "guie-source.json"]
     # the marker by which the kernels find the dataset in any mount layout
-    assert json.loads((packed.folder / "guie-source.json").read_text())["hash"] == packed.content_hash
-    on_disk = sorted(p.relative_to(packed.folder).as_posix() for p in packed.folder.rglob("*") if p.is_file())
+    marker = json.loads((packed.folder / "guie-source.json").read_text())
+    assert marker["hash"] == packed.content_hash
+    on_disk = sorted(p.relative_to(packed.folder).as_posix() for p in packed.folder.rglob("*")
+                     if p.is_file())
     assert on_disk == sorted(["dataset-metadata.json", *[rel for rel, _ in packed.files]])
     assert packed.ref == "me/guie-kit-src"
-    assert json.loads((packed.folder / "dataset-metadata.json").read_text())["id"] == "me/guie-kit-src"
-    assert packed.content_hash == source_hash(package) == source_hash(packed.folder / "src" / "guie")
+    meta = json.loads((packed.folder / "dataset-metadata.json").read_text())
+    assert meta["id"] == "me/guie-kit-src"
+    assert (packed.content_hash == source_hash(package)
+            == source_hash(packed.folder / "src" / "guie"))
 
 
 def test_hash_changes_with_content_and_names(package):
@@ -84,7 +91,8 @@ def test_secret_scan_finds_a_key_across_chunk_borders(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["src", "root", "zip"])
 def test_verify_source_hash_in_every_layout_kaggle_may_mount(package, tmp_path, layout):
-    packed = pack_source(package, tmp_path / "out", write_template(tmp_path / "meta.json"), "me", [])
+    packed = pack_source(package, tmp_path / "out", write_template(tmp_path / "meta.json"), "me",
+                         [])
     mounted = tmp_path / "mounted"
     if layout == "src":
         shutil.copytree(packed.folder / "src", mounted / "src")
@@ -104,7 +112,8 @@ def test_verify_source_hash_in_every_layout_kaggle_may_mount(package, tmp_path, 
 
 
 def test_dataset_metadata_fills_owner_and_validates(tmp_path):
-    assert dataset_metadata(write_template(tmp_path / "a.json"), "alice")["id"] == "alice/guie-kit-src"
+    meta = dataset_metadata(write_template(tmp_path / "a.json"), "alice")
+    assert meta["id"] == "alice/guie-kit-src"
     for kwargs, match in [({"slug": "short"}, "slug"), ({"title": "tiny"}, "title"),
                           ({"licenses": []}, "license"),
                           ({"licenses": [{"name": "CC0-1.0"}, {"name": "other"}]}, "license"),
@@ -117,7 +126,8 @@ def test_dataset_metadata_fills_owner_and_validates(tmp_path):
 
 def test_repository_dataset_metadata_is_valid():
     for name in ("guie-src", "guie-wheels"):
-        meta = dataset_metadata(REPO / "datasets-metadata" / name / "dataset-metadata.json", "alice")
+        meta = dataset_metadata(REPO / "datasets-metadata" / name / "dataset-metadata.json",
+                                "alice")
         assert meta["id"].startswith("alice/") and 20 <= len(meta["subtitle"]) <= 80
 
 
@@ -133,8 +143,8 @@ def test_build_wheels_dataset_with_an_injected_download(tmp_path):
     for dist, version in [("open_clip_torch", "3.3.0"), ("ftfy", "6.3.1"), ("wcwidth", "0.9.4"),
                           ("unrelated", "1.0")]:
         make_wheel(source, dist, version)
-    template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels", title="GUIE kit wheels",
-                              licenses=[{"name": "other"}])
+    template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels",
+                              title="GUIE kit wheels", licenses=[{"name": "other"}])
     packed = build_wheels_dataset(tmp_path / "out", template, "me", [KEY], "3.11",
                                   download=local_download(source))
     assert sorted(name for name, _ in packed.files) == [
@@ -147,7 +157,8 @@ def test_build_wheels_dataset_with_an_injected_download(tmp_path):
 
 
 def test_wheels_dataset_refuses_missing_or_platform_wheels(tmp_path):
-    template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels", title="GUIE kit wheels")
+    template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels",
+                              title="GUIE kit wheels")
     source = tmp_path / "wheelhouse"
     make_wheel(source, "open_clip_torch", "3.3.0")
     with pytest.raises(PackagingError, match="no wheel for ftfy==6.3.1"):
@@ -183,8 +194,9 @@ def test_pack_file_dataset_links_the_file(tmp_path):
 def test_unmet_requirements_names_what_is_missing_or_too_old():
     versions = {"timm": "1.0.15", "regex": "2024.1.1", "torch": "2.4.0+cu121"}
     problems = packaging.unmet_requirements(
-        ["torch>=2.0", "timm>=1.0.17", "regex", "safetensors", "webdataset<=0.2.86; extra == 'training'",
-         "huggingface-hub[cli]>=0.20,<3"], installed=versions.get)
+        ["torch>=2.0", "timm>=1.0.17", "regex", "safetensors",
+         "webdataset<=0.2.86; extra == 'training'", "huggingface-hub[cli]>=0.20,<3"],
+        installed=versions.get)
     assert problems == ["timm 1.0.15 is installed, but timm>=1.0.17 is needed",
                         "safetensors is missing (needed: safetensors)",
                         "huggingface-hub is missing (needed: huggingface-hub[cli]>=0.20,<3)"]
@@ -196,7 +208,8 @@ def test_unmet_requirements_names_what_is_missing_or_too_old():
 def test_check_requirements_passes_here_and_names_a_missing_need(monkeypatch):
     packaging.check_requirements(packaging.CHECKED_DISTRIBUTIONS)  # this venv has open_clip's needs
     real = packaging._installed
-    monkeypatch.setattr(packaging, "_installed", lambda name: None if name == "timm" else real(name))
+    monkeypatch.setattr(packaging, "_installed",
+                        lambda name: None if name == "timm" else real(name))
     with pytest.raises(PackagingError, match="open_clip_torch needs it: timm is missing"):
         packaging.check_requirements(packaging.CHECKED_DISTRIBUTIONS)
 

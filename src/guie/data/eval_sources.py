@@ -40,7 +40,8 @@ def _resolve(location: str, root: str | Path) -> Path:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _gpr1200_domain(class_number: int) -> str:

@@ -93,7 +93,7 @@ def _load_csv(src: DataSource, csv: Path) -> pd.DataFrame:
                           f"{table['label'].iat[i]!r} is not a non-negative integer")
     base = csv.parent.absolute()
     paths = [os.path.normpath(base / p) for p in table["path"]]
-    for i, (rel, p) in enumerate(zip(table["path"], paths)):
+    for i, (rel, p) in enumerate(zip(table["path"], paths, strict=True)):
         if not rel or not os.path.isfile(p):
             total += 1
             if len(errors) < _MAX_REPORTED_ERRORS:
@@ -135,8 +135,8 @@ def merge_sources(sources, root: str | Path, verify_crc: bool = True) -> pd.Data
         raise DataError(f"data source names must be unique, got {names}")
     frames = [load_source(s, root, verify_crc) for s in sources]
     ranges = sorted((int(f["label"].min()), int(f["label"].max()), s.name)
-                    for s, f in zip(sources, frames))
-    for (lo_a, hi_a, a), (lo_b, hi_b, b) in zip(ranges, ranges[1:]):
+                    for s, f in zip(sources, frames, strict=True))
+    for (lo_a, hi_a, a), (lo_b, hi_b, b) in zip(ranges, ranges[1:], strict=False):
         if lo_b <= hi_a:
             raise DataError(
                 f"label ranges overlap: source {a!r} has labels {lo_a}..{hi_a} and source "
@@ -254,7 +254,7 @@ def describe(df: pd.DataFrame) -> dict:
             return {}
         g = df.groupby(col)["label"]
         return {str(k): {"images": int(n), "classes": int(c)}
-                for (k, n), c in zip(g.size().items(), g.nunique())}
+                for (k, n), c in zip(g.size().items(), g.nunique(), strict=True)}
 
     empty = not len(df)
     return {

@@ -36,7 +36,7 @@ def _bin_name(lo: int, hi: int | None) -> str:
 def class_histogram(counts: np.ndarray) -> list[dict]:
     """Classes and images per bin of images-per-class."""
     rows = []
-    for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:] + (None,)):
+    for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:] + (None,), strict=True):
         sel = (counts >= lo) & (counts < hi) if hi is not None else counts >= lo
         rows.append({"bin": _bin_name(lo, hi), "classes": int(sel.sum()),
                      "images": int(counts[sel].sum())})
@@ -140,7 +140,7 @@ def sample_grid(df: pd.DataFrame, title: str, path: str | Path, n_images: int = 
     axes = np.atleast_1d(fig.subplots(lines, cols)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, row in zip(axes, rows):
+    for ax, row in zip(axes, rows, strict=False):  # the grid may have spare axes
         where = f"{row['path']}@{row['offset']}" if row["offset"] >= 0 else str(row["path"])
         try:
             ax.imshow(decode_rgb(read_bytes(row["path"], row["offset"], row["length"]), where))
@@ -159,7 +159,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(row, widths))) for row in cells]
+                       enumerate(zip(row, widths, strict=True))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -193,7 +193,8 @@ def format_stats(report: dict) -> str:
                 for i, row in enumerate(report["merged"]["filtering"]["sweep"])]),
             f"config (min {cfg['min_per_class']}, max {cfg['max_per_class']}, resample to "
             f"{cfg['resample_min_per_class']}): " + ", ".join(
-                f"{name} {g['filtering']['config']['classes']} / {g['filtering']['config']['images']}"
+                f"{name} {g['filtering']['config']['classes']} / "
+                f"{g['filtering']['config']['images']}"
                 for name, g in groups.items())]
     return "\n".join(out)
 

@@ -29,7 +29,8 @@ _LISTED_PROBLEMS = 20
 
 
 class VerificationError(DataError):
-    """Damaged data; `files` are the downloaded files at fault (deleted so they are fetched again)."""
+    """Damaged data; `files` are the downloaded files at fault (deleted so they are fetched
+    again)."""
 
     def __init__(self, message: str, files: set[str]):
         super().__init__(message)
@@ -102,7 +103,8 @@ def _check_files(paths: list[str], fraction: float) -> dict:
     return out
 
 
-def _run(tasks: list, workers: int, total_bytes: int | None, desc: str, progress: bool) -> list[dict]:
+def _run(tasks: list, workers: int, total_bytes: int | None, desc: str,
+         progress: bool) -> list[dict]:
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc,
                disable=None if progress else True)
     results = []
@@ -129,7 +131,8 @@ def verify_source(src: DataSource, root: str | Path, image_fraction: float = 1.0
         shards = sorted(p for p in location.rglob(src.pattern) if p.is_file()
                         ) if location.is_dir() else []
         if not shards:
-            raise DataError(f"source {src.name!r}: no shards match {src.pattern!r} under {location}")
+            raise DataError(f"source {src.name!r}: no shards match {src.pattern!r} "
+                            f"under {location}")
         tasks = [(_check_shard, str(p), image_fraction) for p in shards]
         labels = None
     else:
@@ -169,7 +172,8 @@ def verify_source(src: DataSource, root: str | Path, image_fraction: float = 1.0
         "image_fraction": image_fraction,
     }
     if src.kind == "tfrecord":
-        report["shards"] = [{"file": Path(r["files"][0]).relative_to(Path(root).absolute()).as_posix(),
+        report["shards"] = [{"file": Path(r["files"][0]).relative_to(
+                                 Path(root).absolute()).as_posix(),
                              "bytes": r["bytes"], "records": int(len(r["labels"])),
                              "corrupt_records": len(r["corrupt"])} for r in results]
     return report

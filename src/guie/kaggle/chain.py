@@ -149,7 +149,8 @@ class Chain:
 
     def _wait(self, entry: dict) -> None:
         status = self.client.wait_kernel(entry["ref"], poll_s=self.s.poll_s)
-        dest = Path(self.s.workdir) / "outputs" / f"{entry['ref'].split('/')[1]}-v{entry['version']}"
+        dest = (Path(self.s.workdir) / "outputs"
+                / f"{entry['ref'].split('/')[1]}-v{entry['version']}")
         wanted = [RUN_MARKER] if entry["kind"] == "train" else [EXPORT_MARKER, "submission.zip"]
         output = self.client.download_kernel_output(entry["ref"], dest, only=wanted)
         entry["state"], entry["finished_at"] = status.state, _now()
@@ -166,7 +167,8 @@ class Chain:
             entry["outcome"] = "foreign"
             self.state.save()
             raise ChainStopped(f"kernel {entry['ref']}: its output holds run "
-                               f"{found.get('run_id', 'none')}, not {self.state.data['run']['run_id']}")
+                               f"{found.get('run_id', 'none')}, "
+                               f"not {self.state.data['run']['run_id']}")
         if entry["kind"] == "train":
             entry["outcome"], entry["hours"] = found["status"], _hours(found)
             entry["paused_in"] = found.get("paused_in")

@@ -59,7 +59,8 @@ class KaggleClient(DatasetHostCalls):
             with contextlib.redirect_stdout(io.StringIO()):
                 api.authenticate()
         except SystemExit:
-            raise AuthError(f"No Kaggle credentials found. Looked at: {where_credentials_are_read()}. "
+            raise AuthError("No Kaggle credentials found. "
+                            f"Looked at: {where_credentials_are_read()}. "
                             f"{CREATE_TOKEN}") from None
         credentials = find_credentials()
         username = api.config_values.get("username") or credentials.username
@@ -134,8 +135,9 @@ class KaggleClient(DatasetHostCalls):
                 str(folder), public=public, quiet=not progress, dir_mode=dir_mode))
             created = True
         else:
-            answer = self._write(f"new version of dataset {ref}", lambda: self.api.dataset_create_version(
-                str(folder), notes, quiet=not progress, dir_mode=dir_mode))
+            answer = self._write(
+                f"new version of dataset {ref}", lambda: self.api.dataset_create_version(
+                    str(folder), notes, quiet=not progress, dir_mode=dir_mode))
             created = False
         if answer is None or answer.error or (answer.status or "").lower() not in ("ok", ""):
             message = (answer.error if answer is not None else "") or "no answer"
@@ -189,7 +191,8 @@ class KaggleClient(DatasetHostCalls):
             if misses > missing_grace_polls:
                 raise NotFoundError(f"dataset {ref}: still not found after creating it")
             if time.monotonic() > deadline:
-                raise KaggleError(f"dataset {ref}: not ready after {timeout_s:.0f} s (status {status})")
+                raise KaggleError(f"dataset {ref}: not ready after {timeout_s:.0f} s "
+                                  f"(status {status})")
             self._sleep(poll_s)
 
     # -- kernels ------------------------------------------------------------------------------
@@ -202,7 +205,8 @@ class KaggleClient(DatasetHostCalls):
                    ("dataset", "competition", "kernel", "model")}
         problems = [f"unknown {name} sources {items}" for name, items in invalid.items() if items]
         if answer.error or problems:
-            raise KaggleError(f"push kernel {ref}: {'; '.join(filter(None, [answer.error, *problems]))}")
+            raise KaggleError(f"push kernel {ref}: "
+                              f"{'; '.join(filter(None, [answer.error, *problems]))}")
         url = answer.url or f"https://www.kaggle.com/code/{ref}"
         return KernelPush(ref, url, answer.version_number)
 
@@ -236,8 +240,9 @@ class KaggleClient(DatasetHostCalls):
             request = ApiListKernelSessionOutputRequest()
             request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
             request.page_token = token or None
-            answer = self.read(f"list output of kernel {ref}", lambda: self._sdk_call(
-                lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
+            answer = self.read(
+                f"list output of kernel {ref}", lambda request=request: self._sdk_call(
+                    lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
             yield answer
             token = answer.next_page_token
             if not token:
@@ -301,7 +306,7 @@ class KaggleClient(DatasetHostCalls):
             request = ApiListSubmissionsRequest()
             request.competition_name, request.page_size = self.competition, 100
             request.page_token = token or None
-            answer = self.read("list submissions", lambda: self._sdk_call(
+            answer = self.read("list submissions", lambda request=request: self._sdk_call(
                 lambda k: k.competitions.competition_api_client.list_submissions(request)))
             for s in answer.submissions or []:
                 date = s.date.replace(tzinfo=timezone.utc) if s.date else None
@@ -319,8 +324,9 @@ class KaggleClient(DatasetHostCalls):
         used = sum(1 for s in self.list_submissions() if s.date and s.date.date() == today)
         remaining = daily_cap - used
         try:
-            limits = self.read("submission limits", lambda: self.api.competition_get_submission_limits(
-                self.competition))
+            limits = self.read(
+                "submission limits",
+                lambda: self.api.competition_get_submission_limits(self.competition))
             # All zeros means "not on a team yet" (the client's docs), not "no submissions left".
             if limits.num_total or limits.num_allowed_now:
                 remaining = min(remaining, limits.num_allowed_now)
@@ -350,7 +356,8 @@ class KaggleClient(DatasetHostCalls):
                 f"{what}: the answer was lost ({e}). The submission may or may not have been "
                 "recorded: run `submit.py leaderboard` to check before submitting again.") from e
         if not answer.ref:
-            raise SubmissionRejected(f"{what}: rejected by Kaggle: {answer.message or 'no reason given'}")
+            raise SubmissionRejected(f"{what}: rejected by Kaggle: "
+                                     f"{answer.message or 'no reason given'}")
         return SubmissionReceipt(answer.ref, answer.message or "", remaining - 1)
 
     def leaderboard(self, top: int = 20) -> list[LeaderboardEntry]:
@@ -359,7 +366,8 @@ class KaggleClient(DatasetHostCalls):
                 return self.api.competition_leaderboard_view(self.competition, page_size=top) or []
         entries = self.read("leaderboard", view)
         return [LeaderboardEntry(i + 1, e.team_id, e.team_name or "",
-                                 e.submission_date.replace(tzinfo=timezone.utc) if e.submission_date else None,
+                                 e.submission_date.replace(tzinfo=timezone.utc)
+                                 if e.submission_date else None,
                                  parse_score(e.score)) for i, e in enumerate(entries[:top])]
 
     def download_leaderboard(self, dest: Path) -> Path:

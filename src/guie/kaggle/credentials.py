@@ -35,7 +35,8 @@ def where_credentials_are_read() -> str:
     places = ["KAGGLE_USERNAME + KAGGLE_KEY in the environment",
               f"KAGGLE_CONFIG_DIR/kaggle.json (KAGGLE_CONFIG_DIR is "
               f"{os.environ.get('KAGGLE_CONFIG_DIR') or 'not set'})",
-              f"{home_dir}/kaggle.json when {home_dir} exists, else {Path(xdg) / 'kaggle'}/kaggle.json",
+              f"{home_dir}/kaggle.json when {home_dir} exists, "
+              f"else {Path(xdg) / 'kaggle'}/kaggle.json",
               "KAGGLE_API_TOKEN (a token or a file holding one)"]
     return "; ".join(places)
 

@@ -2,9 +2,9 @@
 
 `layout="current"`: `<root>/datasets/<owner>/<slug>/`, `<root>/notebooks/<owner>/<slug>/`,
 `<root>/competitions/<slug>/` (Kaggle since 2026); `layout="legacy"`: `<root>/<slug>/`.
-Archives uploaded with dir_mode zip (`src.zip`) are unpacked into a folder of that name (`archives="unpacked"`,
-what Kaggle's backend does when it reports BLOBS_DECOMPRESSED) or kept as they are
-(`archives="zip"`, reportedly seen too). The dataset-metadata.json is never mounted.
+Archives uploaded with dir_mode zip (`src.zip`) are unpacked into a folder of that name
+(`archives="unpacked"`, what Kaggle's backend does when it reports BLOBS_DECOMPRESSED) or kept
+as they are (`archives="zip"`, reportedly seen too). The dataset-metadata.json is never mounted.
 """
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ def snapshot(submissions: Sequence[Submission], leaderboard: Sequence[Leaderboar
              fetched_at: datetime | None = None) -> pd.DataFrame:
     fetched = (fetched_at or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     rows = [{"fetched_at": fetched, "kind": "own", "ref": str(s.ref),
-             "date": s.date.isoformat() if s.date else "", "experiment": experiment_of(s.description),
+             "date": s.date.isoformat() if s.date else "",
+             "experiment": experiment_of(s.description),
              "description": s.description, "status": s.status, "public_score": s.public_score,
              "private_score": s.private_score, "rank": None, "team_name": ""}
             for s in submissions]
@@ -47,10 +48,12 @@ def snapshot(submissions: Sequence[Submission], leaderboard: Sequence[Leaderboar
 def append_history(csv_path: str | Path, new: pd.DataFrame) -> pd.DataFrame:
     """Append the snapshot's changed rows to the CSV; returns the whole history."""
     csv_path = Path(csv_path)
-    old = pd.read_csv(csv_path, dtype={"ref": str}) if csv_path.exists() else pd.DataFrame(columns=COLUMNS)
+    old = (pd.read_csv(csv_path, dtype={"ref": str}) if csv_path.exists()
+           else pd.DataFrame(columns=COLUMNS))
     missing = set(COLUMNS) - set(old.columns)
     if missing:
-        raise ValueError(f"{csv_path}: not a submission history (missing columns {sorted(missing)})")
+        raise ValueError(f"{csv_path}: not a submission history "
+                         f"(missing columns {sorted(missing)})")
     new = new.astype({"ref": str})
     if len(old):
         seen = set(map(_key, old[_IDENTITY].itertuples(index=False)))
@@ -64,7 +67,8 @@ def append_history(csv_path: str | Path, new: pd.DataFrame) -> pd.DataFrame:
 
 def _key(row: tuple) -> tuple:
     # CSV round trips turn None into NaN and ints into floats: compare on a normal form.
-    return tuple("" if pd.isna(v) else (f"{float(v):.6g}" if isinstance(v, (int, float)) else str(v))
+    return tuple("" if pd.isna(v)
+                 else (f"{float(v):.6g}" if isinstance(v, (int, float)) else str(v))
                  for v in row)
 
 
@@ -100,7 +104,8 @@ def plot_history(history: pd.DataFrame, png_path: str | Path, top_n: int = 3) ->
     return png_path
 
 
-def format_tables(submissions: Sequence[Submission], leaderboard: Sequence[LeaderboardEntry]) -> str:
+def format_tables(submissions: Sequence[Submission],
+                  leaderboard: Sequence[LeaderboardEntry]) -> str:
     def score(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 

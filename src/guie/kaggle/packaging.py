@@ -34,7 +34,8 @@ PACKAGE_FILE_SUFFIXES = (".py", ".json")  # code and package data (model_configs
 EXCLUDED_DIR_NAMES = frozenset({
     "__pycache__", "tests", "test", ".ipynb_checkpoints", ".pytest_cache", ".mypy_cache",
     "build", "dist", ".git"})
-SECRET_FILE_NAMES = frozenset({"kaggle.json", "access_token", "access_token.txt", "credentials.json"})
+SECRET_FILE_NAMES = frozenset({"kaggle.json", "access_token", "access_token.txt",
+                               "credentials.json"})
 # What the offline kernels import that Kaggle's image lacks; pure-Python wheels only, pinned to
 # the versions this kit is tested with. ftfy's own need, wcwidth, ships with Kaggle's IPython.
 WHEEL_REQUIREMENTS = ("open_clip_torch==3.3.0", "ftfy==6.3.1")
@@ -137,12 +138,14 @@ def scan_for_secrets(paths: Iterable[Path], secrets: Sequence[str]) -> None:
             while chunk := f.read(_CHUNK_BYTES):
                 window = tail + chunk
                 if any(n in window for n in needles):
-                    raise SecretLeakError(f"{path}: contains your Kaggle key or token; not uploading it")
+                    raise SecretLeakError(f"{path}: contains your Kaggle key or token; "
+                                          "not uploading it")
                 tail = window[-overlap:] if overlap else b""
 
 
 def dataset_metadata(template: str | Path, owner: str) -> dict:
-    """Read datasets-metadata/<name>/dataset-metadata.json with the owner filled in, and check it."""
+    """Read datasets-metadata/<name>/dataset-metadata.json with the owner filled in, and check
+    it."""
     meta = json.loads(Path(template).read_text())
     meta["id"] = meta.get("id", "").replace(OWNER_PLACEHOLDER, owner)
     check_dataset_metadata(meta, str(template))
@@ -252,7 +255,8 @@ def build_wheels_dataset(dest: str | Path, metadata_template: str | Path, owner:
         if wheel is None:
             raise PackagingError(f"{folder}: no wheel for {requirement} after download")
         if not _wheel_parts(wheel)[2].endswith("-none-any"):
-            raise PackagingError(f"{wheel.name}: not a pure-Python wheel; Kaggle's Python may differ")
+            raise PackagingError(f"{wheel.name}: not a pure-Python wheel; "
+                                 "Kaggle's Python may differ")
     for extra in wheels.values():
         extra.unlink()  # upload only what was asked for
     paths = sorted(folder.glob("*.whl"))
@@ -289,8 +293,8 @@ def install_wheels(wheels_dir: str | Path) -> list[str]:
         return []
     missing = [w for w in wheels if _installed(_wheel_parts(w)[0]) != _wheel_parts(w)[1]]
     if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                        *map(str, missing)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                        "--quiet", *map(str, missing)], check=True)
         importlib.invalidate_caches()
     check_requirements(CHECKED_DISTRIBUTIONS)
     return [w.name for w in missing]
@@ -379,4 +383,5 @@ def pack_file_dataset(path: str | Path, dest: str | Path, meta: dict,
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK_BYTES):
             digest.update(chunk)
-    return PackedDataset(folder, meta["id"], ((path.name, path.stat().st_size),), digest.hexdigest())
+    return PackedDataset(folder, meta["id"], ((path.name, path.stat().st_size),),
+                         digest.hexdigest())

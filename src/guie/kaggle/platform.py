@@ -91,7 +91,8 @@ def platform_facts(workdir: str | Path) -> PlatformFacts:
                              "the kit's defaults (run `submit.py probe` to record Kaggle's)")
     python = ".".join(str(record.get("python", KAGGLE_PYTHON_FALLBACK)).split(".")[:2])
     return PlatformFacts(python, record.get("layout", "unknown"), dict(record.get("packages", {})),
-                         f"{Path(workdir) / PLATFORM_RECORD} (probe of {record.get('probed_at', '?')})")
+                         f"{Path(workdir) / PLATFORM_RECORD} "
+                         f"(probe of {record.get('probed_at', '?')})")
 
 
 # ----------------------------------------------------------------------------- inside kernels
@@ -119,4 +120,5 @@ def check_gpu_runs() -> str:
             "Push again with --machine-shape NvidiaTeslaT4 (2xT4) or NvidiaL4.") from None
     if value != 16.0:
         raise PlatformError(f"{name}: a CUDA sum gave {value}, not 16: this GPU is not usable")
-    return f"{torch.cuda.device_count()}x {name} (sm_{major}{minor}; build archs {', '.join(archs)})"
+    return (f"{torch.cuda.device_count()}x {name} "
+            f"(sm_{major}{minor}; build archs {', '.join(archs)})")

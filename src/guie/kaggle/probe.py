@@ -39,7 +39,7 @@ def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)
         return True
-    except Exception:  # any failure at import means "not usable here"
+    except Exception:  # noqa: BLE001 - any failure at import means "not usable here"
         return False
 
 

@@ -3,7 +3,8 @@
 A measurement is keyed by backbone, input size, patch stride, AMP dtype, gradient checkpointing
 and attention kernel. It holds the peak activation bytes of a full-backbone training step at
 batches 2 and 4 (per op, with autocast's weight copies apart: `probe.envelope`), the peak of a
-no-grad forward at batches 2 and 4 (the feature cache and the export), and the forward FLOPs per image.
+no-grad forward at batches 2 and 4 (the feature cache and the export), and the forward FLOPs per
+image.
 
 Lookup order: the user's cache (`$GUIE_CACHE_DIR/plan/measurements.json`, default
 ~/.cache/guie), then the measurements shipped with the package (`measured.json`, for
@@ -186,7 +187,7 @@ def _inference_peak(visual: torch.nn.Module, images: torch.Tensor, amp: str) -> 
                                                       enabled=dtype is not None):
             visual(images)
     finally:
-        for p, flag in zip(visual.parameters(), flags):
+        for p, flag in zip(visual.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     return tracker.peak_bytes
 

@@ -73,7 +73,8 @@ def training_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> li
             "activations", act / GIB, "measured",
             f"batch {batch}, {s.amp} autocast, checkpointing {'on' if s.checkpointing else 'off'}"
             f", {s.block_share:.0%} of blocks keeping activations: line through batches "
-            f"{BATCHES} on the CPU ({s.backbone.measured_on}; {', '.join(s.backbone.attention_ops)})"))
+            f"{BATCHES} on the CPU ({s.backbone.measured_on}; "
+            f"{', '.join(s.backbone.attention_ops)})"))
         if copies:
             terms.append(MemoryTerm(
                 "autocast weight copies", copies / GIB, "measured",

@@ -139,7 +139,8 @@ def envelope(low: StepMemory, high: StepMemory, batches: tuple[int, int]
     if len(low.timeline) != len(high.timeline):  # not the same op sequence: the peaks' line
         points = [(low.peak_bytes, high.peak_bytes, low.weight_copy_bytes)]
     else:
-        points = [(l1, l2, c1) for (l1, c1), (l2, _) in zip(low.timeline, high.timeline)]
+        points = [(l1, l2, c1) for (l1, c1), (l2, _)
+                  in zip(low.timeline, high.timeline, strict=True)]
 
     def at(p, b):
         return p[0] + (p[1] - p[0]) * (b - b1) / (b2 - b1)

@@ -20,7 +20,8 @@ def format_plan(plan: Plan) -> str:
         for t in s.terms:
             lines.append(f"  {t.name:34s} {t.gib:7.2f} GiB  [{t.kind}] {t.basis}")
         if s.activations_gib_other_checkpointing is not None:
-            lines.append(f"  {'activations, checkpointing ' + ('off' if s.checkpointing else 'on'):34s}"
+            other = "activations, checkpointing " + ("off" if s.checkpointing else "on")
+            lines.append(f"  {other:34s}"
                          f" {s.activations_gib_other_checkpointing:7.2f} GiB  [measured] the same "
                          "batch with the other setting")
         if s.attention:
@@ -33,11 +34,13 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  fix: {s.fix_note}")
     lines.append("")
     lines.append(f"training: {plan.training_hours:.1f} h in {plan.sessions} session(s) of "
-                 f"{plan.max_hours:g} h; with the inference kernel ({plan.inference_kernel_hours:.2f}"
+                 f"{plan.max_hours:g} h; with the inference kernel "
+                 f"({plan.inference_kernel_hours:.2f}"
                  f" h) {plan.quota_share:.0%} of a ~30 h weekly GPU quota [estimate]")
     lines.append(f"scoring run (the host embeds {205_000:,} test images with saved_model.pt, one "
                  f"GPU): {plan.scoring_hours:.2f} h of the 9 h limit [estimate]")
-    lines.append(f"training output: {plan.output_gib:.2f} GiB at its peak, {plan.output_end_gib:.2f}"
+    lines.append(f"training output: {plan.output_gib:.2f} GiB at its peak, "
+                 f"{plan.output_end_gib:.2f}"
                  f" GiB at the end, against the {plan.output_limit_gib:.2f} GiB (20 GB) cap: "
                  f"{'fits' if plan.output_gib <= plan.output_limit_gib else 'OVER THE CAP'} "
                  f"[counted]; submission.zip {plan.submission_zip_gib:.2f} GiB [counted]")
