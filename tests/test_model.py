@@ -44,7 +44,7 @@ def test_local_weights_load_and_mismatch_names_the_file(tmp_path):
     cfg = replace(TINY, model=replace(TINY.model, pretrained_path=str(good)))
     loaded, _ = build_model(cfg)
     assert all(torch.equal(a, b) for a, b in zip(loaded.visual.state_dict().values(),
-                                                 model.visual.state_dict().values()))
+                                                 model.visual.state_dict().values(), strict=True))
     bad = tmp_path / "other.pt"
     state = model.visual.state_dict()
     state["proj"] = torch.zeros(3, 3)

@@ -13,7 +13,7 @@ def test_local_smoke_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["local", "--config", "smoke", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    for key in ("map5_untrained", "map5_stage1", "map5_stage2", "map5_export"):
+    for key in ("map5_untrained", "map5_features", "map5_stage1", "map5_stage2", "map5_export"):
         assert 0.0 <= report[key] <= 1.0, key
     # the reloaded export fed uint8 images one by one scores what the eager model scored
     assert abs(report["map5_export"] - report["map5_stage2"]) <= 0.02

@@ -135,8 +135,25 @@ def score_untrained(session: Session) -> dict:
               "map5_untrained": untrained["map5"],
               "map5_untrained_per_domain": untrained["map5_per_domain"],
               **({"eval_untrained": untrained["sources"]} if "sources" in untrained else {})}
+    report.update(score_features(session))
     report.update(score_pca(session))
     return report
+
+
+def score_features(session: Session) -> dict:
+    """`map5_features`: the backbone's own features at their full width (cosine, no head): how
+    far a frozen backbone's 64-d head starts below what its features hold. A stage-1 head is a
+    linear map of these very features, so a gain above this figure has to come from a better
+    metric learned from the training classes, not from dimensions recovered. Empty where the
+    model takes aspect-ratio features (they are not the backbone's)."""
+    base = session.model
+    if base.aspect_features:
+        return {}
+    identity = EmbeddingModel(base.visual, IdentityHead(base.feature_dim), base.feature_dim)
+    # The evaluator's cached features are this very backbone's: only the head differs.
+    result = session.evaluator.evaluate(identity.to(session.device), backbone_frozen=True)
+    return {"map5_features": result["map5"],
+            "map5_features_per_domain": result["map5_per_domain"]}
 
 
 def score_pca(session: Session) -> dict:

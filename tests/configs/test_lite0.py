@@ -32,8 +32,10 @@ def test_lite0_stages_improve_the_pretrained_backbone(tmp_path, monkeypatch):
     assert r["map5_untrained"] < 0.85  # room to improve
     assert r["map5_untrained"] >= random_weights + 0.15  # the weights are loaded and fed right
     # The issue asks stage 1 for +0.05 over the pretrained baseline; on held-out photos it gains
-    # +0.015 +- 0.013 over 3 seeds (docs/lite0-readme-section.md), so this pins that the head does
-    # not lose to the pretrained features and clearly beats PCA (measured +0.04..+0.06).
+    # +0.015 +- 0.013 over 3 seeds (README, lite0 section): the trunk's own 1280-d features score
+    # only 0.86 there (`map5_features`), the room any linear head of them has. This pins that the
+    # head does not lose to the pretrained features and clearly beats PCA (measured +0.04..+0.06).
+    assert r["map5_features"] >= r["map5_untrained"]  # a random 64-d projection loses some
     assert r["map5_stage1"] >= r["map5_untrained"]
     assert r["map5_stage1"] >= r["map5_pca"] + 0.03
     assert r["map5_stage2"] >= r["map5_stage1"] - 0.01  # low-LR fine-tuning does no damage

@@ -1,4 +1,5 @@
-"""Every shipped recipe runs its first steps on the tiny backbone and exports within the contract."""
+"""Every shipped recipe runs its first steps on the tiny backbone and exports within the
+contract."""
 import re
 import zipfile
 from dataclasses import replace

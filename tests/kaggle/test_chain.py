@@ -100,7 +100,8 @@ def test_run_chains_three_sessions_survives_a_kill_exports_and_submits_once(
     assert sent["kernelSlug"] == "guie-infer-smoke" and sent["kernelVersion"] == 1
     assert state["submission"]["public_score"] == pytest.approx(0.4321)
     assert "0.4321" in (workdir / "history.csv").read_text()
-    export = json.loads((workdir / "outputs" / "guie-infer-smoke-v1" / "guie-export.json").read_text())
+    export_json = workdir / "outputs" / "guie-infer-smoke-v1" / "guie-export.json"
+    export = json.loads(export_json.read_text())
     assert export["run_id"] == state["run"]["run_id"]
     # a finished chain started again does nothing more
     assert main(run_args(workdir, wheelhouse)) == 0
@@ -113,7 +114,8 @@ def test_run_chains_three_sessions_survives_a_kill_exports_and_submits_once(
 
     monkeypatch.chdir(runner.working[TRAIN[2]].parent)  # the kernels' cwd: same sample data
     reference = tmp_path / "uninterrupted"
-    assert train(apply_overrides(get_config("smoke"), OVERRIDES), str(reference))["status"] == "done"
+    smoke = apply_overrides(get_config("smoke"), OVERRIDES)
+    assert train(smoke, str(reference))["status"] == "done"
     chained = tensors(torch.load(runner.working[TRAIN[2]] / "stage2" / "final.pt",
                                  weights_only=False)["model"])
     alone = tensors(torch.load(reference / "stage2" / "final.pt", weights_only=False)["model"])

@@ -2,8 +2,6 @@
 import json
 import zipfile
 
-from pathlib import Path
-
 import nbformat
 import pytest
 

@@ -163,7 +163,8 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
         if st.hours > max_hours:
             warnings.append(f"{stage.name}: the feature cache lives outside /kaggle/working "
                             f"($GUIE_CACHE_DIR) and is lost when a session ends, so cache pass + "
-                            f"head training ({st.hours:.1f} h) must fit one {max_hours:g} h session")
+                            f"head training ({st.hours:.1f} h) must fit one {max_hours:g} h "
+                            "session")
     elif not trains_backbone:  # a head stage told not to use the cache: backbone forward only
         st = timing.backbone_stage_time(train_images, stage.epochs, forward, 0.0, False, rate,
                                         shape.gpus, cfg.data.num_workers)
