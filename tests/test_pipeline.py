@@ -38,7 +38,7 @@ def _untrained(**export):
 
 
 def test_export_refuses_what_the_competition_or_the_compat_export_cannot_take(tmp_path):
-    from guie.pipeline import export_submission
+    from guie.export.build import export_submission
 
     with pytest.raises(ValueError, match="128-d but the competition takes 64"):
         export_submission(_untrained(), str(tmp_path), str(tmp_path))

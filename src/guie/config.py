@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from guie.config_io import ConfigError, from_dict, to_dict
-# Re-exported (with ConfigError, from_dict, to_dict) for the modules that import the whole config
-# API from here: `from guie.config import apply_overrides` predates guie.config_io.
-from guie.config_io import apply_overrides as apply_overrides
-from guie.config_io import override_keys as override_keys
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from torch import nn
 
 from guie.backbones import (Backbone, TimmTrunkBackbone, VisionTransformerBackbone, backbone_of,
                             resolve_preprocess)
-from guie.config import TINY_BACKBONE  # noqa: F401 (re-exported)
 from guie.config import ExperimentConfig, ModelConfig, StageConfig
 from guie.data.preprocess import Preprocess
 from guie.weights import LITE0_FILE, check_strict, is_lite0_package_state, to_timm_trunk

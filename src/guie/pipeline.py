@@ -21,7 +21,6 @@ from guie.experiment import load_experiment_split, stages_of
 from guie.export.build import (SUBMISSION_DIM, export_submission, fit_export_reduction,
                                replace_head_with_linear)
 # Re-exported: callers of the pipeline's public names (guie_cli, notebooks) load runs from here.
-from guie.export.build import load_trained, run_config  # noqa: F401
 from guie.losses import ArcFace, build_loss, class_margins_from_counts
 from guie.model import EmbeddingModel, IdentityHead, build_model, head_output_dim
 from guie.plots import plot_training_curves

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from guie.benchmark import SourceScore, score_source
-from guie.config import EvalSource, apply_overrides
-from guie.configs import get_config
+from guie.config import EvalSource
+from guie.configs import resolve_config
 from guie.data.eval_sources import drop_training_duplicates, load_eval_source
 from guie.retrieval.index import Embedder
 from guie.retrieval.report import Match, QueryResult, write_report
@@ -41,7 +41,7 @@ def _model_file(model: Path, config_name: str | None, overrides: list[str], out:
         saved = model / "config.json"
         if not saved.is_file() and not config_name:
             raise UserError(f"--model {model}: a folder without config.json; pass --config NAME")
-        cfg = (apply_overrides(get_config(config_name), overrides) if config_name
+        cfg = (resolve_config(config_name, overrides) if config_name
                else load_config(saved))
         return export_submission(cfg, str(model), str(out / "export"))
     return model
@@ -61,7 +61,7 @@ def _page(score: SourceScore, out: Path) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = apply_overrides(get_config(args.config), args.overrides) if args.config else None
+    cfg = resolve_config(args.config, args.overrides) if args.config else None
     sources = [*(cfg.data.eval_sources if cfg else ()), *map(parse_source, args.source)]
     if not sources:
         raise UserError("eval: no evaluation source: name one with --source KIND:PATH or a "

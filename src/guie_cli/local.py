@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from guie.pipeline import export_submission
+    from guie.export.build import export_submission
 
     cfg = resolve_config(args.config, args.overrides)
     print(export_submission(cfg, args.checkpoint, args.out, compat=args.compat))

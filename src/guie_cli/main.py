@@ -31,7 +31,7 @@ USER_ERROR_STATUS = 2
 # modules already imported, so that checking an error never imports `kaggle` (which prints its
 # authentication help at import time).
 _USER_ERROR_TYPES = (
-    ("guie.config", "ConfigError"),
+    ("guie.config_io", "ConfigError"),
     ("guie.data.errors", "DataError"),
     ("guie.kaggle.results", "KaggleError"),
     ("guie.kaggle.packaging", "PackagingError"),

@@ -7,15 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
-from guie.config import apply_overrides
-from guie.configs import get_config, list_configs
+from guie.configs import list_configs, resolve_config
 from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE, MACHINE_SHAPES
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from guie.plan import format_plan, plan_json, plan_run
 
-    cfg = apply_overrides(get_config(args.config), args.overrides)
+    cfg = resolve_config(args.config, args.overrides)
     plan = plan_run(cfg, args.machine_shape, num_classes=args.num_classes,
                     train_images=args.train_images, max_hours=args.max_hours,
                     measure_missing=not args.no_measure)

@@ -124,7 +124,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_which_errors_are_the_users():
-    from guie.config import ConfigError
+    from guie.config_io import ConfigError
     from guie.data.errors import DataError
 
     assert user_error_message(ConfigError("bad")) == "bad"

@@ -8,7 +8,8 @@ import pytest
 
 from guie.configs import get_config
 from guie.model import TINY_BACKBONE
-from guie.pipeline import export_submission, train
+from guie.export.build import export_submission
+from guie.pipeline import train
 
 RECIPES = ["first_place", "second_place", "third_place", "fourth_place", "fifth_place",
            "sixth_place", "pca"]

@@ -30,7 +30,8 @@ from guie.export.compat import (TORCH111_MAX_FILE_FORMAT_VERSION, archive_format
                                 export_compat_submission_zip, save_compat_export)
 from guie.export.script import (CONTRACT_SHAPES, build_submission_model, check_contract,
                                 script_and_save)
-from guie.model import TINY_BACKBONE, EmbeddingModel, MultiDropoutHead, build_model
+from guie.config import TINY_BACKBONE
+from guie.model import EmbeddingModel, MultiDropoutHead, build_model
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("compat_runner.py")

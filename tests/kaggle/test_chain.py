@@ -108,7 +108,7 @@ def test_run_chains_three_sessions_survives_a_kill_exports_and_submits_once(
     assert len(fake.rpc_calls("CreateCodeSubmission")) == 1 and saved(fake, TRAIN[2]) == 1
 
     # 3. the final weights equal one uninterrupted run's
-    from guie.config import apply_overrides
+    from guie.config_io import apply_overrides
     from guie.configs import get_config
     from guie.pipeline import train
 

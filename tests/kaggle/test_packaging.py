@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -243,7 +244,7 @@ def test_real_pip_download_installs_offline_and_imports_open_clip(tmp_path):
                     "--target", str(target), *(str(packed.folder / n) for n in names)], check=True)
     probe = ("import open_clip, ftfy; print(open_clip.__file__); print(ftfy.__file__); "
              "print(sorted(open_clip.list_models())[:1])")
-    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
                           check=True)
     lines = done.stdout.splitlines()

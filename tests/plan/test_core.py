@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from guie.config import apply_overrides
+from guie.config_io import apply_overrides
 from guie.configs import get_config
 from guie.kaggle.platform import MACHINE_SHAPES, PlatformError
 from guie.plan import memory, plan_run

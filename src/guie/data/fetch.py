@@ -38,7 +38,8 @@ from pathlib import Path, PurePosixPath
 
 import google_crc32c
 
-from guie.config import DataSource, from_dict
+from guie.config import DataSource
+from guie.config_io import from_dict
 from guie.data.errors import DataError
 from guie.data.remote import DatasetHost
 from guie.data.verify import VerificationError, expected_label_range, verify_source

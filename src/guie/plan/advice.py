@@ -11,7 +11,7 @@ import json
 import shlex
 from dataclasses import replace
 
-from guie.config import apply_overrides
+from guie.config_io import apply_overrides
 
 
 def _batch_fix(stage, max_batch: int) -> list[str] | None:

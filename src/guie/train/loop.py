@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from guie.backbones import freeze_batchnorm
-from guie.config import ExperimentConfig, StageConfig, save_config, to_dict
+from guie.config import ExperimentConfig, StageConfig, save_config
+from guie.config_io import to_dict
 from guie.data.preprocess import Preprocess
 from guie.losses import ArcFace, margin_at
 from guie.model import EmbeddingModel, apply_stage_resolution
