@@ -11,9 +11,9 @@ from guie.data.sources import Split, load_split
 
 def load_experiment_split(cfg: DataConfig) -> tuple[Split, list[str] | None]:
     """The data split of an experiment: on the kit's sample set whole source photos are held
-    out (`guie.data.sample.photo_split`), on real data `load_split`'s held-out classes."""
+    out (`guie.data.sample_split.photo_split`), on real data `load_split`'s held-out classes."""
     if cfg.sample_instances > 0:
-        from guie.data.sample import load_sample_split
+        from guie.data.sample_split import load_sample_split
         return load_sample_split(cfg)
     return load_split(cfg), None
 

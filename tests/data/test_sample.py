@@ -56,7 +56,7 @@ def test_sample_is_deterministic_and_reused(tmp_path):
 
 
 def test_manifest_names_each_photos_label_range(sample_data):
-    from guie.data.sample import photo_label_ranges
+    from guie.data.sample_split import photo_label_ranges
     from guie.data.sources import merge_sources
 
     root, sources = sample_data
@@ -69,7 +69,7 @@ def test_manifest_names_each_photos_label_range(sample_data):
 
 def test_photo_split_holds_out_whole_photos(sample_data):
     from guie.config import DataConfig
-    from guie.data.sample import photo_label_ranges, photo_split
+    from guie.data.sample_split import photo_label_ranges, photo_split
     from guie.data.sources import merge_sources
 
     root, sources = sample_data

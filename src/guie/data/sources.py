@@ -201,7 +201,7 @@ def split_classes(df: pd.DataFrame, cfg: DataConfig, rng: np.random.Generator,
     """Held-out classes and distractors picked (in this order, with `rng`) among `candidates`
     (label -> image count, in the order given); training is every row whose label is not in
     `kept_out` (default: the picked classes). The sample set's photo split passes the labels of
-    whole held-out photos (`guie.data.sample.photo_split`)."""
+    whole held-out photos (`guie.data.sample_split.photo_split`)."""
     q = cfg.queries_per_class
     heldout = _pick(candidates.index[candidates >= q + 1].to_numpy(), cfg.heldout_classes, rng,
                     f"held-out classes (>= {q + 1} images each){where}")
