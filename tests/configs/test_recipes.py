@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
+from guie.config import TINY_BACKBONE
 from guie.configs import get_config
-from guie.model import TINY_BACKBONE
 from guie.export.build import export_submission
 from guie.pipeline import train
 
