@@ -83,8 +83,11 @@ class Trainer:
         self.model, self.device = model, device
         self.loss_fn = ArcFace(model.head.linear.out_features, NUM_CLASSES, 30.0, 0.5,
                                subcenters=3).to(device)
-        self.stage_step = StageStep(model, self.loss_fn, STAGE2, device, from_features=False)
-        self.batches = 0  # micro-batches stepped: the step's position in its LR schedule
+        # A schedule no timed run reaches the end of: the LR stays at its initial value (a
+        # 1-step schedule would decay it to 0 after the first step).
+        self.stage_step = StageStep(model, self.loss_fn, STAGE2, device, from_features=False,
+                                    total_steps=10**9)
+        self.batches = 0  # micro-batches stepped: where gradient accumulation stands
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.stage_step(self.batches, images, None, labels, 0.5)

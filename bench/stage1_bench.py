@@ -36,7 +36,7 @@ from guie.data.dataset import ImageDataset, collate_skip_bad
 from guie.losses import build_loss, margin_at
 from guie.model import EmbeddingModel, build_head, build_model, head_output_dim
 from guie.train.batches import cached_batches
-from guie.train.features import FeatureCache
+from guie.train.features import FeatureCache, compute_features
 from guie.train.order import BatchOrder, BatchSampler, SeededDataset
 from guie.train.step import StageStep
 
@@ -51,9 +51,7 @@ def head_step(model: EmbeddingModel, loss_fn: nn.Module, stage: StageConfig,
               device: torch.device, steps: int) -> StageStep:
     """The training loop's own step of a cached stage (head + class centres on features), its
     LR schedule spread over the `steps` to be timed."""
-    step = StageStep(model, loss_fn, stage, device, from_features=True)
-    step.set_schedule(steps, 0)
-    return step
+    return StageStep(model, loss_fn, stage, device, from_features=True, total_steps=steps)
 
 
 def write_cache(path: Path, features: np.ndarray, labels: np.ndarray) -> FeatureCache:
@@ -85,10 +83,9 @@ def tiny_speedup(df: pd.DataFrame, workdir: Path, repeats: int) -> tuple[list[Fi
     steps = math.ceil(n / batch)
     step = head_step(model, loss_fn, stage, torch.device("cpu"), steps)
 
-    with torch.no_grad():  # setup, untimed: the cache (view 0, the plain preprocessing)
-        loader = DataLoader(ImageDataset(df, EvalTransform(preprocess)), batch_size=64,
-                            collate_fn=collate_skip_bad)
-        feats = torch.cat([model.visual(batch.images) for batch in loader])
+    # Setup, untimed: the cache (view 0, the plain preprocessing), by the loop's own feature pass.
+    feats, _ = compute_features(model, df, EvalTransform(preprocess), 64, 0, torch.device("cpu"),
+                                progress=False)
     cache = write_cache(workdir / "tiny-features.npy", feats.numpy(),
                         np.array(df["label"], dtype=np.int64))
 

@@ -8,6 +8,7 @@ import as `path:line module imports target`.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,13 +52,14 @@ def imports_in(source: str, module: str, is_package: bool, path: str = "") -> li
     return found
 
 
-def all_imports() -> list[Import]:
+@functools.cache
+def all_imports() -> tuple[Import, ...]:
     found = []
     for package in PACKAGES:
         for path in sorted((SRC / package).rglob("*.py")):
             found += imports_in(path.read_text(), module_name(path), path.name == "__init__.py",
                                 str(path.relative_to(SRC)))
-    return found
+    return tuple(found)
 
 
 def within(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -75,7 +77,8 @@ RULES = [
     Rule("model and training code come before the export and the pipeline that drive them",
          ("guie.model", "guie.backbones", "guie.train"), ("guie.export", "guie.pipeline")),
     Rule("the library is never shaped by its command line", ("guie",), ("guie_cli",)),
-    Rule("the benchmark suite lives outside the library (bench/)", PACKAGES, ("guie.bench",)),
+    Rule("the benchmark suite lives outside the library (bench/)", PACKAGES,
+         ("bench", "guie.bench")),
 ]
 
 

@@ -1,8 +1,8 @@
 """Config values from text: dicts and saved JSON (`from_dict`), command-line overrides
 (`apply_overrides`), each mistake a one-line ConfigError naming the nearest right key or value.
 
-Generic over a tree of frozen dataclasses, so that `guie.config` (the schema) can import and
-re-export it without an import cycle. The one rule of the schema it knows: the items of a
+Generic over a tree of frozen dataclasses, so that `guie.config` (the schema) can import it
+without an import cycle. The one rule of the schema it knows: the items of a
 `stages` field are addressed by their name (`stage1.epochs=3`), never by position.
 """
 from __future__ import annotations

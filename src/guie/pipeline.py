@@ -20,7 +20,6 @@ from guie.data.sources import Split
 from guie.experiment import load_experiment_split, stages_of
 from guie.export.build import (SUBMISSION_DIM, export_submission, fit_export_reduction,
                                replace_head_with_linear)
-# Re-exported: callers of the pipeline's public names (guie_cli, notebooks) load runs from here.
 from guie.losses import ArcFace, build_loss, class_margins_from_counts
 from guie.model import EmbeddingModel, IdentityHead, build_model, head_output_dim
 from guie.plots import plot_training_curves
@@ -131,9 +130,7 @@ def score_untrained(session: Session) -> dict:
     if session.heldout_photos is not None:
         data["heldout_photos"] = session.heldout_photos
     report = {"experiment": session.cfg.name, "data": data,
-              "map5_untrained": untrained["map5"],
-              "map5_untrained_per_domain": untrained["map5_per_domain"],
-              **({"eval_untrained": untrained["sources"]} if "sources" in untrained else {})}
+              **stage_report("untrained", untrained)}
     report.update(score_features(session))
     report.update(score_pca(session))
     return report
@@ -145,14 +142,12 @@ def score_features(session: Session) -> dict:
     linear map of these very features, so a gain above this figure has to come from a better
     metric learned from the training classes, not from dimensions recovered. Empty where the
     model takes aspect-ratio features (they are not the backbone's)."""
-    base = session.model
-    if base.aspect_features:
+    if session.model.aspect_features:
         return {}
-    identity = EmbeddingModel(base.visual, IdentityHead(base.feature_dim), base.feature_dim)
     # The evaluator's cached features are this very backbone's: only the head differs.
-    result = session.evaluator.evaluate(identity.to(session.device), backbone_frozen=True)
-    return {"map5_features": result["map5"],
-            "map5_features_per_domain": result["map5_per_domain"]}
+    result = session.evaluator.evaluate(_without_head(session.model).to(session.device),
+                                        backbone_frozen=True)
+    return _heldout_report("features", result)
 
 
 def score_pca(session: Session) -> dict:
@@ -165,21 +160,32 @@ def score_pca(session: Session) -> dict:
         return {}
     pca_cfg = replace(cfg, model=replace(cfg.model, head="identity"),
                       export=replace(cfg.export, reduction="pca", reduction_dim=SUBMISSION_DIM))
-    identity = EmbeddingModel(base.visual, IdentityHead(base.feature_dim), base.feature_dim)
+    identity = _without_head(base)
     reduced = replace_head_with_linear(
         identity, fit_export_reduction(pca_cfg, identity, session.preprocess))
     # The evaluator's cached features are this very backbone's: only the head differs.
     result = session.evaluator.evaluate(reduced.to(session.device), backbone_frozen=True)
     base.to(session.device)  # the fit leaves the shared backbone on the CPU
-    return {"map5_pca": result["map5"], "map5_pca_per_domain": result["map5_per_domain"]}
+    return _heldout_report("pca", result)
+
+
+def _without_head(model: EmbeddingModel) -> EmbeddingModel:
+    """The same backbone with an identity head: its features as the embedding."""
+    return EmbeddingModel(model.visual, IdentityHead(model.feature_dim), model.feature_dim)
+
+
+def _heldout_report(name: str, result: dict) -> dict:
+    """`map5_<name>` and its per-domain figures only (a reference figure: its evaluation
+    sources are not reported)."""
+    return stage_report(name, {"map5": result["map5"],
+                               "map5_per_domain": result["map5_per_domain"]})
 
 
 def score_export(session: Session, out: Path) -> dict:
     """mP@5 through the reloaded `out/saved_model.pt`, fed as the host feeds it."""
     result = session.evaluator.evaluate_exported(torch.jit.load(str(out / "saved_model.pt")))
     zip_path = out / "submission.zip"
-    return {"map5_export": result["map5"], "map5_export_per_domain": result["map5_per_domain"],
-            "submission_zip": str(zip_path),
+    return {**_heldout_report("export", result), "submission_zip": str(zip_path),
             "submission_mb": round(zip_path.stat().st_size / 2**20, 2)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from guie.benchmark import SourceScore, score_source
-from guie.config import EvalSource
+from guie.config import EvalSource, ExperimentConfig
 from guie.configs import resolve_config
 from guie.data.eval_sources import drop_training_duplicates, load_eval_source
 from guie.retrieval.index import Embedder
@@ -33,17 +33,16 @@ def parse_source(text: str) -> EvalSource:
     return EvalSource(Path(location).name or location, kind, location, domain)
 
 
-def _model_file(model: Path, config_name: str | None, overrides: list[str], out: Path) -> Path:
+def _model_file(model: Path, cfg: ExperimentConfig | None, out: Path) -> Path:
     if model.is_dir():  # a training output: export it first, so what is scored is what ships
         from guie.config import load_config
         from guie.export.build import export_submission
 
         saved = model / "config.json"
-        if not saved.is_file() and not config_name:
+        if not saved.is_file() and cfg is None:
             raise UserError(f"--model {model}: a folder without config.json; pass --config NAME")
-        cfg = (resolve_config(config_name, overrides) if config_name
-               else load_config(saved))
-        return export_submission(cfg, str(model), str(out / "export"))
+        return export_submission(cfg if cfg is not None else load_config(saved), str(model),
+                                 str(out / "export"))
     return model
 
 
@@ -68,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         "config with data.eval_sources")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    embedder = Embedder(_model_file(Path(args.model), args.config, args.overrides, out))
+    embedder = Embedder(_model_file(Path(args.model), cfg, out))
     train = None
     if cfg is not None:
         from guie.experiment import load_experiment_split

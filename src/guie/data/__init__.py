@@ -9,6 +9,3 @@
 - `preprocess`: the one resize + normalise shared by validation and the export.
 - `fetch`: downloads a config's datasets through a `remote.DatasetHost` (the Kaggle client).
 """
-from guie.data.errors import DataError, DataWarning
-
-__all__ = ["DataError", "DataWarning"]

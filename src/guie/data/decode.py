@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guie.data.guarded_decode import check_pixel_cap, decode_guarded
+from guie.data.guarded_decode import check_pixel_cap, decode_guarded, scaled_size
 
 try:
     import simplejpeg
@@ -64,8 +64,9 @@ def decode_pixels(data: bytes, where: str, max_pixels: int | None = None,
         if width and height:
             scale = draft_scale(width, height, min_side)
             try:
-                rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale),
-                                             min_width=-(-width // scale))
+                min_width, min_height = scaled_size((width, height), scale)
+                rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=min_height,
+                                             min_width=min_width)
                 return torch.from_numpy(rgb).permute(2, 0, 1)
             except ValueError:
                 pass  # CMYK, truncated, ...: PIL handles it or raises a DataError

@@ -71,10 +71,11 @@ def decode_guarded(source: bytes | str | Path, where: str, max_pixels: int | Non
             width, height = stored = img.size
             # Checked before the caller looks at the image (reading a PNG's EXIF decodes it).
             can_shrink = shrink_to_fit and isinstance(img, JpegImageFile)
-            if _pixels(_scaled(stored, _MAX_DRAFT_SCALE if can_shrink else 1)) > cap:
+            if _pixels(scaled_size(stored, _MAX_DRAFT_SCALE if can_shrink else 1)) > cap:
                 raise _over_cap(where, stored, cap)
             scale = draft_scale(img) if draft_scale is not None else 1
-            while can_shrink and scale < _MAX_DRAFT_SCALE and _pixels(_scaled(stored, scale)) > cap:
+            while (can_shrink and scale < _MAX_DRAFT_SCALE
+                   and _pixels(scaled_size(stored, scale)) > cap):
                 scale *= 2
             if scale > 1:
                 img.draft(img.mode, (max(1, width // scale), max(1, height // scale)))
@@ -90,7 +91,7 @@ def _over_cap(where: str, stored: tuple[int, int], cap: int) -> BadImage:
     return BadImage(where, f"image of {stored[0]}x{stored[1]} pixels exceeds the {cap}-pixel limit")
 
 
-def _scaled(size: tuple[int, int], scale: int) -> tuple[int, int]:
+def scaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
     """The size libjpeg decodes at 1/scale (sides rounded up)."""
     return -(-size[0] // scale), -(-size[1] // scale)
 

@@ -11,7 +11,7 @@ import torch
 from guie.config import ExperimentConfig, StageConfig
 from guie.kaggle.platform import (MACHINE_SHAPES, OUTPUT_CAP_BYTES, PlatformError,
                                   check_machine_shape)
-from guie.plan import measurements, memory, timing
+from guie.plan import estimates, measurements, memory, timing
 from guie.plan.gpus import GIB, gpu_of
 from guie.plan.memory import MemoryTerm, StageSetup
 
@@ -87,8 +87,7 @@ def train_images_of(cfg: ExperimentConfig) -> tuple[int, str]:
                 "the config's sample data (instances not held out x views)")
     slugs = {s.kaggle_slug for s in cfg.data.sources}
     if slugs and slugs <= REFERENCE_SLUGS and len(slugs) == len(REFERENCE_SLUGS):
-        from guie.plan.estimates import TRAIN_IMAGES
-        return TRAIN_IMAGES, "3rd place's training set (guie.plan.estimates.TRAIN_IMAGES)"
+        return estimates.TRAIN_IMAGES, "3rd place's training set (guie.plan.estimates.TRAIN_IMAGES)"
     return 0, "unknown: pass train_images (--train-images N)"
 
 

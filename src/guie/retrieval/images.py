@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from guie.data.guarded_decode import BadImage, decode_guarded
+from guie.data.guarded_decode import BadImage, decode_guarded, scaled_size
 
 # Larger images are downscaled to this many pixels (4096 x 4096): bigger inputs are pointless
 # for a model that resizes internally, and a float copy of one is already 200 MB.
@@ -143,14 +143,14 @@ def _plan(im: Image.Image, max_side: int | None, max_pixels: int | None) -> _Pla
 
 def _load(path: Path, max_side: int | None, max_pixels: int | None,
           max_decode_pixels: int | None) -> LoadedImage:
-    plans: list[_Plan] = []  # filled by the decode once the image is open
+    plan: _Plan | None = None  # set by the decode once the image is open
 
     def draft_scale(im: Image.Image) -> int:
-        plans.append(_plan(im, max_side, max_pixels))
-        return plans[0].draft_scale
+        nonlocal plan
+        plan = _plan(im, max_side, max_pixels)
+        return plan.draft_scale
 
     im = decode_guarded(path, str(path), max_decode_pixels, draft_scale, shrink_to_fit=True)
-    plan = plans[0]
     # exif_transpose only where needed: it copies the image even when there is nothing to do.
     rgb = _to_rgb(ImageOps.exif_transpose(im) if plan.orientation in range(2, 9) else im)
     final_w, final_h = plan.final
@@ -165,10 +165,10 @@ def _load(path: Path, max_side: int | None, max_pixels: int | None,
 def _jpeg_draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
     """libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 scale: the largest scale still at least `target`
     (free speed; the guarded decode shrinks further where its cap demands it)."""
-    width, height = stored
     scale = 1
     for s in (2, 4, 8):
-        if -(-width // s) >= target[0] and -(-height // s) >= target[1]:
+        scaled_w, scaled_h = scaled_size(stored, s)
+        if scaled_w >= target[0] and scaled_h >= target[1]:
             scale = s
     return scale
 

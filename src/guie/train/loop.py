@@ -154,27 +154,28 @@ def run_stage(ctx: TrainContext, stage: StageConfig, resume: bool = True) -> Sta
 def setup_stage(ctx: TrainContext, stage: StageConfig) -> StageRun:
     """The stage's step (optimizer, scaler, EMA), its rows (the feature cache, built here for a
     frozen-backbone stage) and the schedule over them."""
+    select_key = selection_key(stage, ctx.evaluator)  # a wrong `select_by` fails before the cache
     backbone_trains = trains_backbone(ctx.model, stage)
     from_cache = not backbone_trains and stage.use_feature_cache
     ctx.model.to(ctx.device)
     ctx.loss_fn.to(ctx.device)
     rank, world = (0, 1) if from_cache else (dist.rank(), dist.world_size())
-    step = StageStep(ctx.model, ctx.loss_fn, stage, ctx.device, from_cache, world)
     cache = build_feature_cache(ctx.model, _cache_request(ctx, stage)) if from_cache else None
     rows = np.flatnonzero(cache.valid) if from_cache else np.arange(len(ctx.train_df))
     order = BatchOrder(len(rows), stage.batch_size, ctx.cfg.seed, rank, world)
     total_batches = math.ceil(stage.epochs * len(rows) / order.global_batch_size())
     total_batches -= total_batches % stage.grad_accum  # end on an optimizer step
     batches_per_epoch = len(rows) / order.global_batch_size()
-    step.set_schedule(total_batches // stage.grad_accum,
-                      int(stage.warmup_epochs * len(rows) / order.global_batch_size()
-                          / stage.grad_accum))
+    step = StageStep(ctx.model, ctx.loss_fn, stage, ctx.device, from_cache, world,
+                     total_steps=total_batches // stage.grad_accum,
+                     warmup_steps=int(stage.warmup_epochs * len(rows)
+                                      / order.global_batch_size() / stage.grad_accum))
     order_key = {"rows": len(rows), "batch_size": stage.batch_size, "world": world,
                  "grad_accum": stage.grad_accum, "epochs": stage.epochs, "seed": ctx.cfg.seed}
     return StageRun(ctx, stage, backbone_trains, from_cache, step, world, cache, rows,
                     order, total_batches, batches_per_epoch,
                     max(1, round(stage.eval_every_epochs * batches_per_epoch)), order_key,
-                    selection_key(stage, ctx.evaluator))
+                    select_key)
 
 
 def resume_stage(run: StageRun, last_path: Path | None) -> None:
@@ -308,8 +309,7 @@ def drop_superseded_backbones(cfg: ExperimentConfig, stage: StageConfig, out_dir
     """Once a backbone stage has finished, the backbone copies in earlier stages' final.pt are
     superseded (loading the stages in order overwrites them): rewrite those files without it.
     1st place's six backbone stages would otherwise leave six ViT-H copies (14 GB)."""
-    names = [s.name for s in cfg.stages]
-    for earlier in cfg.stages[:names.index(stage.name)] if stage.name in names else ():
+    for earlier in _stages_before(cfg, stage):
         path = out_dir / earlier.name / "final.pt"
         if not earlier.enabled or not path.exists() or not trains_backbone(model, earlier):
             continue
@@ -329,9 +329,14 @@ def _earlier_backbone_stages(cfg: ExperimentConfig, stage: StageConfig,
                              model: EmbeddingModel) -> list[dict]:
     """The stages before this one that changed the backbone: a cache built from the backbone
     before 1st place's backbone-only stage must not serve the head-only stage after it."""
+    return [to_dict(s) for s in _stages_before(cfg, stage)
+            if s.enabled and trains_backbone(model, s)]
+
+
+def _stages_before(cfg: ExperimentConfig, stage: StageConfig) -> tuple[StageConfig, ...]:
+    """The config's stages before `stage` (none where `stage` is not one of them)."""
     names = [s.name for s in cfg.stages]
-    earlier = cfg.stages[:names.index(stage.name)] if stage.name in names else ()
-    return [to_dict(s) for s in earlier if s.enabled and trains_backbone(model, s)]
+    return cfg.stages[:names.index(stage.name)] if stage.name in names else ()
 
 
 def _time_is_up(started: float, max_hours: float, world: int, device: torch.device) -> bool:

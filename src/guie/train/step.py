@@ -40,8 +40,11 @@ class StageStep:
     (a frozen-backbone stage), else images. `world` > 1 wraps the step in DDP."""
 
     def __init__(self, model: EmbeddingModel, loss_fn: ArcFace, stage: StageConfig,
-                 device: torch.device, from_features: bool, world: int = 1):
+                 device: torch.device, from_features: bool, world: int = 1,
+                 total_steps: int = 1, warmup_steps: int = 0):
         self.stage, self.device = stage, device
+        # The LR schedule over the stage's optimizer steps (guie.train.optim.lr_multiplier).
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.groups = param_groups(model, loss_fn, stage)
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=stage.weight_decay)
         self.ema = EMA([p for g in self.groups for p in g["params"]], stage.ema_decay) \
@@ -52,10 +55,6 @@ class StageStep:
         if world > 1:
             self.runner = nn.parallel.DistributedDataParallel(
                 self.runner, device_ids=[device] if device.type == "cuda" else None)
-        self.total_steps, self.warmup_steps = 1, 0  # the LR schedule: `set_schedule`
-
-    def set_schedule(self, total_steps: int, warmup_steps: int) -> None:
-        self.total_steps, self.warmup_steps = total_steps, warmup_steps
 
     def __call__(self, b: int, inputs: torch.Tensor, sizes_hw: torch.Tensor | None,
                  labels: torch.Tensor, margin_rad: float, weight: float = 1.0) -> float:
