@@ -163,6 +163,16 @@ class StageConfig:
     eval_every_epochs: float = 1.0
     checkpoint_every_steps: int = 500
     max_hours: float = 0.0  # stop cleanly with a checkpoint after this much time; 0 = no limit
+    # Global gradient-norm clip, applied after the grad scaler unscales; 0 = off.
+    grad_clip_norm: float = 0.0
+    # Data parallelism across ranks: "ddp" (every rank holds full weights, gradients and AdamW
+    # state), "fsdp" (FSDP2: that state sharded across ranks), or "auto" (guie.plan.parallel's
+    # rule). One rank trains plainly whatever this says.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Under FSDP with grad_accum > 1: reduce-scatter every micro-step (True: gradients stay
+    # sharded) or only at the window's last (False: less traffic, but each rank keeps a full
+    # unsharded fp32 gradient through the window).
+    fsdp_reduce_every_micro_step: bool = True
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ class MachineShape:
     gpu_memory_gib: float  # per device
     compute_capability: tuple[int, int] | None  # None: a TPU
     bf16: bool  # native bf16 matmuls (sm80+)
+    # What PyTorch can allocate per device (torch.cuda.get_device_properties().total_memory),
+    # below the datasheet figure; None: unknown, the datasheet figure stands in. A probe record's
+    # figure, where there is one, wins over this.
+    allocatable_gib: float | None = None
 
 
 # Known names (field guide 5a, checked 2026-12); the client sends machine_shape unvalidated and
