@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import io
 import json
 import stat
-import sys
 import time
 import zipfile
 from dataclasses import replace
@@ -25,13 +23,11 @@ from guie.data.errors import DataError
 from guie.data.tfrecord import encode_example, frame_record
 
 # The Kaggle kit's fixtures (isolated home, fake credentials, the fake server, a client).
-_KAGGLE_TESTS = Path(__file__).resolve().parents[1] / "kaggle"
-sys.path.insert(0, str(_KAGGLE_TESTS))
-_spec = importlib.util.spec_from_file_location("kaggle_fixtures", _KAGGLE_TESTS / "conftest.py")
-_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fixtures)
-isolated_env, fake_kaggle, client = _fixtures.isolated_env, _fixtures.fake_kaggle, _fixtures.client
-from fake_server import DownloadBreak  # noqa: E402
+from support import kaggle_fixtures
+from support.fake_server import DownloadBreak
+
+isolated_env, fake_kaggle = kaggle_fixtures.isolated_env, kaggle_fixtures.fake_kaggle
+client = kaggle_fixtures.client
 
 OWNER = "data-owner"  # public datasets of another user, as motono0223's are
 MIB = 1 << 20

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import USERNAME
+from support.kaggle_fixtures import USERNAME
 from guie_cli.main import main
 from kernel_runner import NotebookRunner
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import KEY, USERNAME
-from fake_server import default_leaderboard
+from support.kaggle_fixtures import KEY, USERNAME
+from support.fake_server import default_leaderboard
 from guie.kaggle.client import KaggleClient
 from guie.kaggle.results import (AuthError, ConflictError, DailyCapReached, KaggleError,
                                  NotFoundError, RetryPolicy, SubmissionRejected, render_log)

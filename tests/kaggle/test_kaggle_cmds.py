@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, USERNAME
-from fake_server import default_leaderboard
+from support.kaggle_fixtures import KEY, USERNAME
+from support.fake_server import default_leaderboard
 from guie.kaggle.packaging import tree_hash
 from guie_cli.main import main
 

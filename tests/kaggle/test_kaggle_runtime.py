@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, USERNAME
+from support.kaggle_fixtures import KEY, USERNAME
 from guie.kaggle.emulate import mount_notebook_output, mount_uploaded
 from kernel_runner import PAPERMILL
 
@@ -88,7 +88,7 @@ def _execute(python: Path, notebook: Path, executed: Path, cwd: Path, **changed)
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):
     """A real `push --wait` (pip download included) against the fake server; what it received."""
-    from fake_server import FakeKaggle
+    from support.fake_server import FakeKaggle
     from kagglesdk import kaggle_env
 
     from guie_cli.kaggle_cmds import register

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, make_wheel
+from support.kaggle_fixtures import KEY, make_wheel
 from guie.kaggle import packaging
 from guie.kaggle.packaging import (PackagingError, SecretLeakError, SourceMismatchError,
                                    build_wheels_dataset, dataset_metadata, install_wheels,

@@ -18,7 +18,6 @@ KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=server.url (NO_PROXY cleared).
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import re
@@ -26,28 +25,19 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from email.utils import format_datetime
-from enum import Enum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
-import google_crc32c
 
 from kagglesdk.blobs.types import blob_api_service as blobs
 from kagglesdk.competitions.types import competition_api_service as comps
 from kagglesdk.datasets.types import dataset_api_service as ds
-from kagglesdk.kaggle_object import KaggleObject, KaggleObjectSerializer, ListSerializer
 from kagglesdk.kernels.types import kernels_api_service as kernels
-
-COMPETITION = "google-universal-image-embedding"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None,
-                 body: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers, self.body = status, message, headers or {}, body
+from support.fake_errors import ApiError, check_keys, iso
+from support.fake_http import make_handler
+from support.fake_kernels import (  # noqa: F401 - re-exported for the tests
+    COMPETITION, Kernel, KernelRpcs, Session, default_leaderboard)
 
 
 @dataclass
@@ -100,55 +90,11 @@ class Redirect(str):
     """A handler's answer that becomes a 302 to this URL."""
 
 
-@dataclass
-class Kernel:
-    ref: str
-    versions: list[dict] = field(default_factory=list)  # the raw SaveKernel bodies
-    statuses: list[tuple[str, str]] = field(default_factory=list)  # (state, failure message)
-    outputs: dict[str, bytes] = field(default_factory=dict)
-    log: str = ""
 
 
-def check_keys(cls: type, raw: Any, where: str) -> None:
-    """Reject keys the request type does not have, recursively, and wrongly typed scalars."""
-    if not isinstance(raw, dict):
-        raise ApiError(400, f"{where}: expected an object")
-    fields = {f.json_name: f for f in cls._fields}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ApiError(400, f"{where}: unknown field(s) {unknown} for {cls.__name__}")
-    for name, value in raw.items():
-        f, at = fields[name], f"{where}.{name}"
-        is_object = isinstance(f.field_type, type) and issubclass(f.field_type, KaggleObject)
-        if isinstance(f.serializer, ListSerializer):
-            if not isinstance(value, list):
-                raise ApiError(400, f"{at}: expected a list")
-            for i, item in enumerate(value):
-                if is_object:
-                    check_keys(f.field_type, item, f"{at}[{i}]")
-                elif f.field_type in (str, int, bool) and not _scalar_ok(f.field_type, item):
-                    raise ApiError(400, f"{at}[{i}]: expected {f.field_type.__name__}")
-        elif isinstance(f.serializer, KaggleObjectSerializer):
-            check_keys(f.field_type, value, at)
-        elif isinstance(f.field_type, type) and issubclass(f.field_type, Enum):
-            if value not in f.field_type.__members__:
-                raise ApiError(400, f"{at}: {value!r} is not a {f.field_type.__name__}")
-        elif f.field_type in (str, int, bool) and not _scalar_ok(f.field_type, value):
-            raise ApiError(400, f"{at}: expected {f.field_type.__name__}, got {value!r}")
-
-
-def _scalar_ok(tp: type, value: Any) -> bool:
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-class FakeKaggle:
-    """State, fault injection and RPC handlers; `start()` serves it on 127.0.0.1."""
+class FakeKaggle(KernelRpcs):
+    """State, fault injection and RPC handlers; `start()` serves it on 127.0.0.1 (the kernel and
+    competition RPCs live in support.fake_kernels)."""
 
     def __init__(self, username: str = "fake-user", key: str = "fake-key-0123456789abcdef"):
         self.username, self.key = username, key
@@ -157,21 +103,10 @@ class FakeKaggle:
         self.faults: list[Fault] = []
         self.blobs: dict[str, Blob] = {}
         self.datasets: dict[str, Dataset] = {}
-        self.kernels: dict[str, Kernel] = {}
-        self.submissions: list[dict] = []
-        self.leaderboard: list[dict] = []
-        self.missing_datasets: set[str] = set()  # dataset sources SaveKernel reports as invalid
+        self._init_kernels()
         self.ready_after_polls = 1  # GetDatasetStatus answers "not yet" this many times first
         self.stale_version_polls = 0  # see Dataset.stale_polls
         self.upload_break: str | None = None  # "503" or "drop": the next blob PUT breaks midway
-        self.reject_submission: str | None = None  # CreateCodeSubmission answers 400 with this
-        self.daily_cap = 5
-        # Set: SaveKernel hands each pushed version to it, which runs the notebook (and sets the
-        # kernel's statuses, outputs and log); None: kernels answer RUNNING then COMPLETE.
-        self.kernel_runner: Callable[[Kernel, dict], None] | None = None
-        # Set: a listed PENDING submission is scored with this public score.
-        self.score_pending: str | None = None
-        self.limits_endpoint = True  # False: GetSubmissionLimits answers 404
         self.downloads: list[dict] = []  # every file GET: path, range, status, start, sent
         self.download_breaks: list[DownloadBreak] = []
         self.corrupt_transfer: set[str] = set()  # file names served with one byte flipped
@@ -198,6 +133,10 @@ class FakeKaggle:
                 (kernels.ApiGetKernelSessionStatusRequest, self._kernel_status),
             "kernels.KernelsApiService/ListKernelSessionOutput":
                 (kernels.ApiListKernelSessionOutputRequest, self._kernel_output),
+            "kernels.KernelsApiService/GetAcceleratorQuotaStatistics":
+                (kernels.ApiGetAcceleratorQuotaStatisticsRequest, self._quota_statistics),
+            "competitions.CompetitionApiService/GetCompetition":
+                (comps.ApiGetCompetitionRequest, self._get_competition),
             "competitions.CompetitionApiService/CreateCodeSubmission":
                 (comps.ApiCreateCodeSubmissionRequest, self._submit),
             "competitions.CompetitionApiService/ListSubmissions":
@@ -213,7 +152,7 @@ class FakeKaggle:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "FakeKaggle":
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                          daemon=True).start()
@@ -239,18 +178,6 @@ class FakeKaggle:
 
     def rpc_calls(self, method: str) -> list[dict]:
         return [body for name, body in self.calls if name == method]
-
-    def add_kernel_run(self, ref: str, statuses: list[tuple[str, str]], outputs: dict[str, bytes],
-                       log: str) -> None:
-        kernel = self.kernels.setdefault(ref, Kernel(ref))
-        kernel.statuses, kernel.outputs, kernel.log = list(statuses), dict(outputs), log
-
-    def add_submission(self, description: str, status: str = "COMPLETE", public: str = "",
-                       private: str = "", date: datetime | None = None) -> None:
-        self.submissions.append({
-            "ref": 1000 + len(self.submissions), "date": _iso(date or datetime.now(timezone.utc)),
-            "description": description, "status": status, "publicScore": public,
-            "privateScore": private, "fileName": "submission.zip", "teamName": self.username})
 
     def add_dataset(self, ref: str, files: dict[str, bytes], title: str = "A test dataset",
                     zip_files: bool = False, is_private: bool = False) -> Dataset:
@@ -420,7 +347,7 @@ class FakeKaggle:
         return {"ref": dataset.ref, "title": dataset.title, "licenseName": dataset.license_name,
                 "isPrivate": dataset.is_private, "currentVersionNumber": current,
                 "totalBytes": sum(len(b) for b in files.values()),
-                "lastUpdated": _iso(dataset.created[-1]),
+                "lastUpdated": iso(dataset.created[-1]),
                 "url": f"https://www.kaggle.com/datasets/{dataset.ref}"}
 
     def _list_dataset_files(self, req: Any, raw: dict) -> dict:
@@ -430,7 +357,7 @@ class FakeKaggle:
         start, size = int(req.page_token or 0), req.page_size or 20
         page = [{"ref": name, "name": name, "datasetRef": dataset.ref,
                  "totalBytes": len(dataset.versions[version - 1][name]),
-                 "creationDate": _iso(dataset.created[version - 1])}
+                 "creationDate": iso(dataset.created[version - 1])}
                 for name in names[start:start + size]]
         more = start + size < len(names)
         return {"datasetFiles": page, **({"nextPageToken": str(start + size)} if more else {})}
@@ -472,215 +399,3 @@ class FakeKaggle:
         token = f"blob{len(self.blobs):04d}"
         self.blobs[token] = Blob(req.name, req.content_length)
         return {"token": token, "createUrl": f"{self.url}/upload/{token}"}
-
-    def _save_kernel(self, req: Any, raw: dict) -> dict:
-        if (not req.slug or not req.text or req.language != "python"
-                or req.kernel_type != "notebook"):
-            raise ApiError(400, "SaveKernel: slug, text, language python, "
-                                "kernelType notebook required")
-        owner = req.slug.split("/")[0]
-        self._owner_check(owner, "SaveKernel")
-        notebook = json.loads(req.text)
-        if notebook.get("nbformat") != 4:
-            raise ApiError(400, "SaveKernel: text is not an nbformat 4 notebook")
-        kernel = self.kernels.setdefault(req.slug, Kernel(req.slug))
-        kernel.versions.append(raw)
-        if self.kernel_runner is not None:  # really run it (tests/kaggle/kernel_runner.py)
-            kernel.statuses, kernel.outputs, kernel.log = [("QUEUED", "")], {}, ""
-            self.kernel_runner(kernel, raw)
-        kernel.statuses = kernel.statuses or [("RUNNING", ""), ("COMPLETE", "")]
-        invalid = [s for s in req.dataset_data_sources if s in self.missing_datasets]
-        return {"ref": f"/code/{req.slug}", "url": f"https://www.kaggle.com/code/{req.slug}",
-                "versionNumber": len(kernel.versions), "invalidDatasetSources": invalid}
-
-    def _kernel(self, req: Any) -> Kernel:
-        kernel = self.kernels.get(f"{req.user_name}/{req.kernel_slug}")
-        if kernel is None:
-            raise ApiError(404, "Kernel not found")
-        return kernel
-
-    def _kernel_status(self, req: Any, raw: dict) -> dict:
-        kernel = self._kernel(req)
-        state, failure = kernel.statuses.pop(0) if len(kernel.statuses) > 1 else kernel.statuses[0]
-        return {"status": state, **({"failureMessage": failure} if failure else {})}
-
-    def _kernel_output(self, req: Any, raw: dict) -> dict:
-        kernel = self._kernel(req)
-        files = [{"fileName": name, "url": f"{self.url}/output/{kernel.ref}/{name}"}
-                 for name in sorted(kernel.outputs)]
-        return {"files": files, "log": kernel.log}
-
-    def _today_count(self) -> int:
-        today = datetime.now(timezone.utc).date().isoformat()
-        return sum(1 for s in self.submissions if s["date"].startswith(today))
-
-    def _submit(self, req: Any, raw: dict) -> dict:
-        if req.competition_name != COMPETITION:
-            raise ApiError(404, f"Competition {req.competition_name!r} not found")
-        ref = f"{req.kernel_owner}/{req.kernel_slug}"
-        kernel = self.kernels.get(ref)
-        if kernel is None or not kernel.versions:
-            raise ApiError(404, f"Kernel {ref} not found")
-        if req.kernel_version is not None and not 1 <= req.kernel_version <= len(kernel.versions):
-            raise ApiError(400, f"Kernel {ref} has no version {req.kernel_version}")
-        if not req.file_name:
-            raise ApiError(400, "CreateCodeSubmission: fileName is required")
-        if self._today_count() >= self.daily_cap:
-            raise ApiError(400, "Daily submission limit reached")
-        if self.reject_submission:
-            raise ApiError(400, self.reject_submission)
-        self.add_submission(req.submission_description or "", status="PENDING")
-        return {"message": "Your submission was successfully saved",
-                "ref": self.submissions[-1]["ref"]}
-
-    def _list_submissions(self, req: Any, raw: dict) -> dict:
-        if req.competition_name != COMPETITION:
-            raise ApiError(404, "Competition not found")
-        for submission in self.submissions:
-            if submission["status"] == "PENDING" and self.score_pending is not None:
-                submission.update(status="COMPLETE", publicScore=self.score_pending)
-        ordered = sorted(self.submissions, key=lambda s: s["date"], reverse=True)
-        start = int(req.page_token or 0)
-        size = req.page_size or 20
-        page = ordered[start:start + size]
-        next_token = str(start + size) if start + size < len(ordered) else ""
-        return {"submissions": page, "nextPageToken": next_token}
-
-    def _limits(self, req: Any, raw: dict) -> dict:
-        if not self.limits_endpoint:
-            raise ApiError(404, "no such RPC")
-        used = self._today_count()
-        return {"numToday": used, "numTotal": len(self.submissions),
-                "numAllowedNow": max(0, self.daily_cap - used)}
-
-    def _leaderboard(self, req: Any, raw: dict) -> dict:
-        size = req.page_size or 20
-        return {"submissions": self.leaderboard[:size],
-                "nextPageToken": "next" if len(self.leaderboard) > size else ""}
-
-    def _download_leaderboard(self, req: Any, raw: dict) -> bytes:
-        lines = ["TeamId,TeamName,LastSubmissionDate,Score"] + [
-            f"{e['teamId']},{e['teamName']},{e['submissionDate']},{e['score']}"
-            for e in self.leaderboard]
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as z:
-            z.writestr(f"{COMPETITION}-publicleaderboard.csv", "\n".join(lines) + "\n")
-        return buffer.getvalue()
-
-
-def default_leaderboard(n: int = 5) -> list[dict]:
-    start = datetime(2022, 10, 10, tzinfo=timezone.utc)
-    return [{"teamId": 100 + i, "teamName": f"team {i}", "score": f"{0.73 - 0.02 * i:.3f}",
-             "submissionDate": _iso(start - timedelta(days=i))} for i in range(n)]
-
-
-def _make_handler(fake: FakeKaggle) -> type:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:  # keep test output quiet
-            pass
-
-        def _path(self) -> str:
-            # Absolute-form request lines arrive when the client goes through HTTP_PROXY.
-            path = unquote(urlsplit(self.path).path)
-            return path[len("/api"):] if path.startswith("/api/") else path
-
-        def _body(self) -> bytes:
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-        def _send(self, status: int, headers: dict, body: bytes = b"") -> None:
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-            path = self._path()
-            if not path.startswith("/v1/"):
-                return self._send(404, {})
-            status, headers, body = fake.handle_rpc(path[len("/v1/"):], self._body(),
-                                                    self.headers.get("Authorization"))
-            self._send(status, headers, body)
-
-        def do_PUT(self) -> None:  # noqa: N802
-            path = self._path()
-            if not path.startswith("/upload/"):
-                return self._send(404, {})
-            status, headers = fake.handle_put(path[len("/upload/"):], self.headers, self._body())
-            if status == -1:  # a broken connection: no answer at all
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return None
-            self._send(status, headers)
-
-        def do_GET(self) -> None:  # noqa: N802
-            path = self._path()
-            with fake._lock:
-                fake.calls.append(("GET", {"path": path}))
-                faults = [f for f in fake.faults if f.rpc == "GET" and f.times > 0]
-                if faults:
-                    faults[0].times -= 1
-                    return self._send(faults[0].status, faults[0].headers)
-            if path.startswith("/files/"):
-                return self._serve_file(path)
-            if path.startswith("/output/"):
-                owner, slug, name = path[len("/output/"):].split("/", 2)
-                kernel = fake.kernels.get(f"{owner}/{slug}")
-                if kernel is not None and name in kernel.outputs:
-                    return self._send(200, {"Content-Type": "application/octet-stream"},
-                                      kernel.outputs[name])
-            self._send(404, {})
-
-        def _serve_file(self, path: str) -> None:
-            found = fake.file_object(path)
-            if found is None:
-                return self._send(404, {})
-            data, created = found
-            crc = google_crc32c.value(data).to_bytes(4, "big")
-            etag = f'"{hashlib.md5(data).hexdigest()}"'
-            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                       "ETag": etag, "Last-Modified": format_datetime(created, usegmt=True),
-                       "x-goog-hash": f"crc32c={base64.b64encode(crc).decode()},"
-                                      f"md5={base64.b64encode(hashlib.md5(data).digest()).decode()}"}
-            if path.rsplit("/", 1)[-1] in fake.corrupt_transfer:
-                data = data[:-1] + bytes([data[-1] ^ 0xFF])
-            status, start, requested = 200, 0, self.headers.get("Range")
-            match = re.fullmatch(r"bytes=(\d+)-(\d*)", requested or "")
-            if_range = self.headers.get("If-Range")
-            if match and (if_range is None or if_range == etag):
-                start = int(match.group(1))
-                end = int(match.group(2)) + 1 if match.group(2) else len(data)
-                if start >= len(data):
-                    fake.downloads.append({"path": path, "range": requested, "status": 416,
-                                           "start": start, "sent": 0})
-                    return self._send(416, {"Content-Range": f"bytes */{len(data)}"})
-                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-                status, data = 206, data[start:end]
-            with fake._lock:
-                brk = next((b for b in fake.download_breaks if b.times > 0
-                            and path.endswith("/" + b.name)
-                            and start < b.at_byte < start + len(data)), None)
-                if brk is not None:
-                    brk.times -= 1
-            body = data if brk is None else data[:brk.at_byte - start]
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-                self.wfile.flush()
-                sent = len(body)
-            except OSError:  # the client went away
-                sent = 0
-            fake.downloads.append({"path": path, "range": requested, "status": status,
-                                   "start": start, "sent": sent})
-            if brk is not None:  # a broken connection: fewer bytes than Content-Length said
-                self.close_connection = True
-                self.connection.shutdown(2)
-
-    return Handler
