@@ -1,17 +1,14 @@
-"""`submit.py local --config smoke`: the whole path, through the command line's own entry."""
+"""`submit.py local --config smoke`: the whole path, through the command line's own entry (the
+run is the session's `smoke_run` fixture, shared with tests/kaggle/test_local_run.py)."""
 import json
 import zipfile
 
 import pytest
 
-from guie_cli.main import main
-
 
 @pytest.mark.slow
-def test_local_smoke_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the smoke config builds its sample data under build/
-    out = tmp_path / "out"
-    assert main(["local", "--config", "smoke", "--out", str(out)]) == 0
+def test_local_smoke_end_to_end(smoke_run):
+    out = smoke_run
     report = json.loads((out / "report.json").read_text())
     for key in ("map5_untrained", "map5_features", "map5_stage1", "map5_stage2", "map5_export"):
         assert 0.0 <= report[key] <= 1.0, key

@@ -1,4 +1,5 @@
-"""`submit.py local` executes the same notebooks `push` builds, with papermill, end to end."""
+"""`submit.py local` executes the same notebooks `push` builds, with papermill, end to end (the
+run is the session's `smoke_run` fixture, shared with tests/test_pipeline.py)."""
 import json
 import zipfile
 
@@ -6,14 +7,11 @@ import nbformat
 import pytest
 
 from guie.kaggle.notebooks import injected_parameters
-from guie_cli.main import main
 
 
 @pytest.mark.slow
-def test_local_runs_the_kernels_notebooks(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "out"
-    assert main(["local", "--config", "smoke", "--out", str(out)]) == 0
+def test_local_runs_the_kernels_notebooks(smoke_run):
+    out = smoke_run
     report = json.loads((out / "report.json").read_text())
     for key in ("map5_untrained", "map5_stage1", "map5_stage2", "map5_export"):
         assert 0.0 <= report[key] <= 1.0
