@@ -18,7 +18,7 @@ def test_two_process_training_finishes_and_reports(sample_data, tmp_path, monkey
     cfg = cfg.replace_stage("stage1", epochs=1).replace_stage("stage2", epochs=0.2)
     monkeypatch.setenv("GUIE_NPROC", "2")
     report = train_on_all_gpus(cfg, str(tmp_path / "out"))
-    assert report["status"] == "done"
+    assert report["status"] == "done" and report["processes"] == 2
     assert 0.0 <= report["map5_stage2"] <= 1.0
     assert json.loads((tmp_path / "out" / "train-report.json").read_text()) == report
     assert (tmp_path / "out" / "stage2" / "final.pt").exists()
