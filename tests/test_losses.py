@@ -85,3 +85,28 @@ def test_margin_grows_per_epoch_up_to_the_cap():
     got = [margin_at(stage, LossConfig(), e) for e in (0.0, 0.99, 1.0, 2.5, 5.0, 9.0)]
     assert got == pytest.approx([0.3, 0.3, 0.4, 0.5, 0.8, 0.8])
     assert margin_at(StageConfig(), LossConfig(margin_rad=0.35), 7.0) == 0.35
+
+
+@pytest.mark.parametrize("loss_cls", [ArcFace, CosFace])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosines_logits_and_loss_are_fp32_under_autocast(loss_cls, dtype):
+    """Autocast would run the centre matmul in fp16/bf16 (bf16 cosines off by up to 0.0025,
+    right where ArcFace's margin acts). Under autocast the loss must equal the fp32 loss of
+    the same embeddings to fp32 rounding (1e-6 relative; the low-precision matmul was off by
+    ~1e-3), whether the embeddings arrive in fp32 or in the autocast dtype."""
+    torch.manual_seed(3)
+    loss_fn = loss_cls(embed_dim=64, num_classes=50, scale=30.0, margin_rad=0.3, subcenters=3)
+    emb, labels = torch.randn(16, 64), torch.randint(0, 50, (16,))
+    for given in (emb, emb.to(dtype)):
+        want_logits = loss_fn.logits(given.float(), labels)
+        want = loss_fn(given.float(), labels)
+        given = given.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            cos = loss_fn.cosine(given)
+            logits = loss_fn.logits(given, labels)
+            loss = loss_fn(given, labels)
+        assert cos.dtype == logits.dtype == loss.dtype == torch.float32
+        assert torch.allclose(logits, want_logits, rtol=1e-6, atol=1e-5)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        loss.backward()
+        assert given.grad.dtype == given.dtype  # the gradient flows back in the input's dtype

@@ -1,6 +1,7 @@
 """Margin losses. The class centres live here, never in the exported model."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -11,6 +12,16 @@ from torch import nn
 from guie.config import LossConfig, StageConfig
 
 
+def fp32_region(device: torch.device):
+    """Autocast off on `device`: inside, ops run in the dtype of their inputs. Under autocast
+    F.linear would cast fp32 inputs back down to fp16/bf16; ArcFace's margin acts near
+    cos = 1, where that rounding is largest (bf16: errors up to 0.0025 in the cosine)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cuda", "cpu"))
+    if not available(device.type):  # meta: nothing runs
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class ArcFace(nn.Module):
     """Additive angular margin (ArcFace) with optional sub-centers.
 
@@ -19,6 +30,9 @@ class ArcFace(nn.Module):
     3rd/4th place). Past theta = pi - m, cos(theta + m) would turn back up and reward pushing the
     sample further away, so there the target logit continues as cos(theta) - m * sin(m)
     (monotonic, the usual ArcFace fallback); cos is clamped so acos/sqrt never see |x| > 1.
+
+    Cosines, logits and the cross-entropy are fp32 whatever autocast is active (`fp32_region`);
+    the gradient flows back to the embeddings in their own dtype.
     """
 
     def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0,
@@ -46,29 +60,33 @@ class ArcFace(nn.Module):
         return torch.where(target_cos > torch.cos(math.pi - m), with_margin, fallback)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
-        if self.subcenters > 1:
-            # [B, C*k] -> [B, C, k]: best-matching sub-centre per class
-            cos = cos.view(-1, self.num_classes, self.subcenters).amax(dim=2)
-        return cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+        """[B, C] fp32 cosines to the class centres (the best sub-centre of each class)."""
+        with fp32_region(embeddings.device):
+            cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+            if self.subcenters > 1:
+                # [B, C*k] -> [B, C, k]: best-matching sub-centre per class
+                cos = cos.view(-1, self.num_classes, self.subcenters).amax(dim=2)
+            return cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor,
                margin_rad: float | torch.Tensor | None = None) -> torch.Tensor:
         """Scaled logits; `margin_rad` is a float or a per-sample tensor [B]. Per-class margins,
-        when set, take precedence over both."""
+        when set, take precedence over both. fp32 under any autocast."""
         m = self.margin_rad if margin_rad is None else margin_rad
         if self.class_margin_rad.numel():
             m = self.class_margin_rad[labels]
         m = torch.as_tensor(m, dtype=torch.float32, device=embeddings.device)
-        cos = self.cosine(embeddings)
-        target_cos = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-        target_logit = self.target_logit(target_cos, m)
-        logits = cos.scatter(1, labels.view(-1, 1), target_logit.view(-1, 1))
-        return logits * self.scale
+        with fp32_region(embeddings.device):
+            cos = self.cosine(embeddings)
+            target_cos = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+            target_logit = self.target_logit(target_cos, m)
+            logits = cos.scatter(1, labels.view(-1, 1), target_logit.view(-1, 1))
+            return logits * self.scale
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 margin_rad: float | torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.logits(embeddings, labels, margin_rad), labels)
+        with fp32_region(embeddings.device):
+            return F.cross_entropy(self.logits(embeddings, labels, margin_rad), labels)
 
 
 class CosFace(ArcFace):

@@ -104,6 +104,8 @@ def run_training(session: Session, out_dir: Path, resume: bool = True,
             report["paused_in"] = stage.name
             break
         report.update(stage_report(stage.name, outcome.metrics))
+        # Steps the grad scaler (or a non-finite norm) skipped: 0 on a healthy run.
+        report[f"skipped_steps_{stage.name}"] = outcome.skipped_steps
         report[f"checkpoint_{stage.name}"] = str(outcome.checkpoint)
     write_curves(out_dir)
     return report

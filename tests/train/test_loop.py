@@ -80,3 +80,31 @@ def test_ema_stage_resumes_exactly_and_swaps_the_average_in(sample_data, tmp_pat
     _, plain = _run(sample_data, replace(stage, ema_decay=0.0), tmp_path / "c", cache)
     head = [k for k in want if k.startswith("m.head.")]
     assert any(not torch.allclose(want[k], plain[k]) for k in head)  # the average, not the last
+
+
+def test_skipped_steps_reach_the_history_the_curves_and_the_report(sample_data, tmp_path,
+                                                                    monkeypatch):
+    """A non-finite gradient norm at the second optimizer step: skipped, and counted in the
+    stage's history rows (with every step's norm), curves.csv and the run report."""
+    import pandas as pd
+
+    from guie.pipeline import run_training
+    from guie.train import step as step_module
+
+    real, calls = step_module.grad_total_norm, []
+
+    def norm_with_an_inf(params, clip_norm):
+        calls.append(clip_norm)
+        return torch.tensor(float("inf")) if len(calls) == 2 else real(params, clip_norm)
+    monkeypatch.setattr(step_module, "grad_total_norm", norm_with_an_inf)
+    s = _session(sample_data)
+    stage = replace(get_config("smoke").stage("stage1"), epochs=1.0, grad_clip_norm=5.0)
+    s = replace(s, cfg=replace(s.cfg, stages=(stage,)), evaluator=None)
+    report = run_training(s, tmp_path / "out")
+    assert report["status"] == "done" and report["skipped_steps_stage1"] == 1
+    assert set(calls) == {5.0}
+    curves = pd.read_csv(tmp_path / "out" / "curves.csv")
+    steps = curves.dropna(subset=["grad_norm"])
+    assert len(steps) == len(calls) and steps["skipped_steps"].tolist()[:3] == [0, 1, 1]
+    norms = steps["grad_norm"].tolist()
+    assert norms[0] > 0 and norms[1] == float("inf") and norms[2] > 0

@@ -1,4 +1,6 @@
-"""Mixed precision: bf16 where the GPU has it, fp16 with a grad scaler on T4/P100, off on CPU."""
+"""Mixed precision: bf16 where the GPU has it, fp16 with a grad scaler on T4/P100, off on CPU
+unless a stage asks for it by name (CPU autocast and `GradScaler("cpu")` are real: the tests
+run the scaler's path there)."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +14,7 @@ def has_native_bf16(device: torch.device) -> bool:
 
 def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype | None]:
     """(use a grad scaler, autocast dtype) for a stage's `amp` mode on this device."""
-    if mode == "off" or device.type != "cuda":
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return False, None
     if mode == "bf16" or (mode == "auto" and has_native_bf16(device)):
         return False, torch.bfloat16

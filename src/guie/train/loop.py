@@ -58,6 +58,7 @@ class StageOutcome:
     checkpoint: Path
     metrics: dict
     history: list[dict]
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
 
 
 @dataclass
@@ -132,7 +133,7 @@ def run_stage(ctx: TrainContext, stage: StageConfig, resume: bool = True) -> Sta
         margin = margin_at(stage, ctx.cfg.loss, b / run.batches_per_epoch)
         loss_value = run.step(b, inputs, sizes_hw, labels, margin, weight)
         row = _record(run, b, loss_value, margin)
-        bar.set_postfix(loss=f"{row['loss']:.3f}",
+        bar.set_postfix(loss=f"{row['loss']:.3f}", skipped=run.step.skipped_steps,
                         **{k.replace("map5", "mP@5"): f"{v:.3f}" for k, v in row.items()
                            if k.startswith("map5")})
         bar.update(1)
@@ -242,7 +243,7 @@ def finish_stage(run: StageRun) -> StageOutcome:
             drop_superseded_backbones(ctx.cfg, stage, Path(ctx.out_dir), ctx.model)
     if run.from_cache:
         dist.barrier()
-    return StageOutcome("done", final_path, metrics, run.history)
+    return StageOutcome("done", final_path, metrics, run.history, run.step.skipped_steps)
 
 
 def save_stage(run: StageRun, path: Path, metrics: dict | None = None) -> None:
@@ -252,7 +253,8 @@ def save_stage(run: StageRun, path: Path, metrics: dict | None = None) -> None:
     ctx = run.ctx
     state = {"model": stage_state(ctx.model, ctx.loss_fn, run.stage),
              "next_batch": run.next_batch, "order": run.order_key, "best": run.best,
-             "history": run.history, "metrics": metrics or {}, "config": to_dict(ctx.cfg)}
+             "history": run.history, "metrics": metrics or {}, "config": to_dict(ctx.cfg),
+             "skipped_steps": run.step.skipped_steps}
     if path.name != "final.pt":  # a finished stage needs no optimizer (ViT-H AdamW: 5 GB)
         state.update(run.step.state_dict(), rng=rng_state())
     save_checkpoint(state, path)
@@ -265,6 +267,8 @@ def _record(run: StageRun, b: int, loss_value: float, margin: float) -> dict:
     first = run.step.optimizer.param_groups[0]
     row = {"stage": stage.name, "batch": b + 1, "epoch": (b + 1) / run.batches_per_epoch,
            "loss": loss_value, f"lr_{first['name']}": first["lr"], "margin_rad": margin}
+    if (b + 1) % stage.grad_accum == 0:  # an optimizer step ended here
+        row.update(grad_norm=run.step.grad_norm, skipped_steps=run.step.skipped_steps)
     if ctx.evaluator is not None and (b + 1) % run.eval_every == 0 \
             and b + 1 < run.total_batches and dist.is_main():
         result = ctx.evaluator.evaluate(ctx.model, backbone_frozen=not run.backbone_trains)
@@ -289,7 +293,8 @@ def _finished(ctx: TrainContext, final_path: Path) -> StageOutcome:
     """A finished stage's outcome, its weights loaded."""
     done = load_checkpoint(final_path)
     load_stage_state(ctx.model, ctx.loss_fn, done["model"])
-    return StageOutcome("done", final_path, done["metrics"], done["history"])
+    return StageOutcome("done", final_path, done["metrics"], done["history"],
+                        done.get("skipped_steps", 0))
 
 
 def _cache_request(ctx: TrainContext, stage: StageConfig) -> CacheRequest:
