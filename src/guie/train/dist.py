@@ -2,8 +2,8 @@
 
 No silent hour-long waits. Two limits bound how long a rank waits for its peers:
 
-- the **preflight**: right after the process group starts, one all_reduce of a single number
-  must finish within `GUIE_PREFLIGHT_TIMEOUT_S` (default 90 s). NCCL sets up its transports
+- the **preflight**: right after the process group starts, an all_reduce of one number and one
+  of 8 MiB must finish within `GUIE_PREFLIGHT_TIMEOUT_S` (default 90 s). NCCL sets up its transports
   (peer-to-peer, shared memory) here, and this is where the known 2xT4 notebook hang shows
   (Lightning issue 19425). A rank past the limit records `preflight_timeout` in the launcher's
   state folder and exits with PREFLIGHT_EXIT; `guie.launch` then relaunches once with
@@ -69,15 +69,23 @@ def init() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+PREFLIGHT_BULK_ELEMENTS = 2**21  # 8 MiB of fp32: the size class of DDP's 25 MB buckets
+
+
 def preflight(device: torch.device) -> None:
-    """One all_reduce of a single number; raises if the sum is wrong (a rank on another job)."""
-    total = torch.ones(1, device=device)
-    torch_dist.all_reduce(total)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if int(total.item()) != torch_dist.get_world_size():
-        raise RuntimeError(f"preflight all_reduce summed to {total.item()}, expected "
-                           f"{torch_dist.get_world_size()}: the ranks are not one job")
+    """Two all_reduces of ones, one number and 8 MiB: NCCL sends small messages with one
+    protocol and large ones with another, and training needs both (DDP's gradient buckets are
+    large). Raises if a sum is wrong (ranks of different jobs)."""
+    world = torch_dist.get_world_size()
+    for elements in (1, PREFLIGHT_BULK_ELEMENTS):
+        total = torch.ones(elements, device=device)
+        torch_dist.all_reduce(total)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ends = (float(total[0]), float(total[-1]))
+        if ends != (world, world):
+            raise RuntimeError(f"preflight all_reduce of {elements} ones summed to {ends}, "
+                               f"expected {world}: the ranks are not one job")
 
 
 def preflight_timeout_s() -> float:
