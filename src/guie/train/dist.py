@@ -114,9 +114,18 @@ def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
+CLOSE_TIMEOUT_S = 60.0
+
+
 def close() -> None:
-    """Leave the process group (NCCL warns about leaked communicators otherwise)."""
-    if torch_dist.is_initialized():
+    """Leave the process group (NCCL warns about leaked communicators otherwise). The work is
+    done by now, so a teardown that hangs (a peer gone first) ends this process with status 0
+    after CLOSE_TIMEOUT_S rather than keeping the kernel waiting."""
+    if not torch_dist.is_initialized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with _Deadline(CLOSE_TIMEOUT_S, lambda: os._exit(0)):
         torch_dist.destroy_process_group()
 
 
