@@ -17,7 +17,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.overrides)
     plan = plan_run(cfg, args.machine_shape, num_classes=args.num_classes,
                     train_images=args.train_images, max_hours=args.max_hours,
-                    measure_missing=not args.no_measure)
+                    measure_missing=not args.no_measure, workdir=args.workdir)
     print(format_plan(plan))
     if args.json:
         path = Path(args.json)
@@ -52,6 +52,9 @@ def register(subparsers) -> None:
                    help="training images per epoch (default: what the config tells)")
     p.add_argument("--max-hours", type=float, default=11.0,
                    help="training budget per Kaggle session (push --max-hours)")
+    p.add_argument("--workdir", default="build/kaggle",
+                   help="where `submit.py probe` left platform.json: its record of the machine "
+                        "(what PyTorch can allocate per GPU) sets the memory limit")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     p.add_argument("--no-measure", action="store_true",
                    help="use cached measurements only; a missing one is an error")

@@ -36,3 +36,14 @@ def resolve_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig
     """The shipped config `name` with the KEY=VALUE `overrides` applied in order; a mistake in
     either is a one-line ConfigError that says what would be right."""
     return apply_overrides(get_config(name), list(overrides))
+
+
+def epoch_readings(cfg: ExperimentConfig) -> tuple[tuple[str, dict[str, float]], ...]:
+    """The ways a recipe's source can be read for its length, where a shipped config states
+    them as `EPOCH_READINGS` ((label, {stage name: epochs}), ...): `submit.py plan` prints the
+    hours of each, so a length the write-up leaves open is a stated choice with its price."""
+    module_name = cfg.name.replace("-", "_")
+    if module_name not in list_configs():
+        return ()
+    return tuple(getattr(importlib.import_module(f"{__name__}.{module_name}"),
+                         "EPOCH_READINGS", ()))

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from guie.config import StageConfig
 from guie.configs.third_place import CONFIG as _third
+from guie.configs.third_place import GRAD_CLIP_NORM  # fp16 on a T4: why, there
 
 # (input px, patch stride px) per head/backbone pair: 3 pairs at 224, 2 at 280, then 290.
 _RESOLUTIONS = ((224, 14),) * 3 + ((280, 12),) * 2 + ((290, 12),) * 2
@@ -25,7 +26,8 @@ def _stages() -> tuple[StageConfig, ...]:
             stages.append(StageConfig(name=f"s{2 * i + 2:02d}-backbone", train=("backbone",),
                                       use_feature_cache=False, epochs=1.0, batch_size=32,
                                       lr_backbone=1e-5, layer_decay=0.9, warmup_epochs=0.1,
-                                      image_size_px=size_px, patch_stride_px=stride_px))
+                                      image_size_px=size_px, patch_stride_px=stride_px,
+                                      grad_clip_norm=GRAD_CLIP_NORM))
     return tuple(stages)
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from guie.config import StageConfig
 from guie.configs.third_place import CONFIG as _third
+from guie.configs.third_place import GRAD_CLIP_NORM  # fp16 on a T4: why, there
 
 _LAYERS = 32 + 2  # ViT-H-14: stem, 32 blocks, top
 _DECAY = (1.25e-6 / 1e-5) ** (1 / (_LAYERS - 1))  # 1e-5 at the top down to 1.25e-6 at the stem
@@ -26,7 +27,8 @@ CONFIG = replace(
         StageConfig(name="head", epochs=2.0, batch_size=256, lr_head=3e-3, warmup_epochs=0.1),
         StageConfig(name="finetune", train=("all",), use_feature_cache=False, epochs=1.0,
                     batch_size=32, lr_head=3e-4, lr_backbone=1e-5, layer_decay=_DECAY,
-                    warmup_epochs=0.1, checkpoint_every_steps=1000),
+                    warmup_epochs=0.1, checkpoint_every_steps=1000,
+                    grad_clip_norm=GRAD_CLIP_NORM),
     ),
     export=replace(_third.export, reduction="pca", reduction_dim=64, reduction_images=20000),
 )

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from guie.config import StageConfig
 from guie.configs.third_place import CONFIG as _third
+from guie.configs.third_place import GRAD_CLIP_NORM  # fp16 on a T4: why, there
 
 CONFIG = replace(
     _third,
@@ -18,5 +19,5 @@ CONFIG = replace(
     stages=(StageConfig(name="all", train=("all",), use_feature_cache=False, epochs=6.0,
                         batch_size=32, lr_head=1e-3, lr_backbone=1e-6, warmup_epochs=1.0,
                         margin_rad=0.3, margin_step_rad_per_epoch=0.1, margin_max_rad=0.8,
-                        checkpoint_every_steps=1000),),
+                        checkpoint_every_steps=1000, grad_clip_norm=GRAD_CLIP_NORM),),
 )

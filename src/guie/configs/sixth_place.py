@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from guie.config import StageConfig
 from guie.configs.third_place import CONFIG as _third
+from guie.configs.third_place import GRAD_CLIP_NORM  # fp16 on a T4: why, there
 
 CONFIG = replace(
     _third,
@@ -15,7 +16,8 @@ CONFIG = replace(
         StageConfig(name="head", epochs=2.0, batch_size=256, lr_head=1e-3, warmup_epochs=0.1),
         StageConfig(name="blocks15-31", train=("head", "centres", "blocks:15-31", "backbone_top"),
                     use_feature_cache=False, epochs=1.0, batch_size=32, lr_head=1e-4,
-                    lr_backbone=1e-7, checkpoint_every_steps=1000),
+                    lr_backbone=1e-7, checkpoint_every_steps=1000,
+                    grad_clip_norm=GRAD_CLIP_NORM),
     ),
     export=replace(_third.export, reduction="pca", reduction_dim=64, reduction_images=20000),
 )

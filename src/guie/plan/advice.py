@@ -27,15 +27,17 @@ def _batch_fix(stage, max_batch: int) -> list[str] | None:
             f"{stage.name}.grad_accum={stage.grad_accum * stage.batch_size // size}"]
 
 
-def _fits(cfg, overrides, name, shape, classes, images, max_hours, measure):
+def _fits(cfg, overrides, name, shape, classes, images, max_hours, measure, limit=None):
     from guie.plan.core import plan_stage
 
     changed = apply_overrides(cfg, overrides)
-    return plan_stage(changed, changed.stage(name), shape, classes, images, max_hours, measure)
+    return plan_stage(changed, changed.stage(name), shape, classes, images, max_hours, measure,
+                      limit=limit)
 
 
-def with_fix(cfg, sp, shape, classes, images, max_hours, measure):
-    """`sp` (a stage that does not fit) with the first override set that makes it fit."""
+def with_fix(cfg, sp, shape, classes, images, max_hours, measure, limit=None):
+    """`sp` (a stage that does not fit) with the first override set that makes it fit under
+    `limit` (a `guie.plan.gpus.MemoryLimit`; default: the shape's)."""
     stage = cfg.stage(sp.name)
     tried: list[tuple[list[str], str]] = []
     if not cfg.model.grad_checkpointing and sp.max_batch_other_checkpointing:
@@ -51,18 +53,19 @@ def with_fix(cfg, sp, shape, classes, images, max_hours, measure):
         tried.append((ckpt + batch, "checkpointing and the same effective batch through "
                                     "gradient accumulation"))
     for overrides, note in tried:
-        planned = _fits(cfg, overrides, sp.name, shape, classes, images, max_hours, measure)
+        planned = _fits(cfg, overrides, sp.name, shape, classes, images, max_hours, measure,
+                        limit)
         if planned.fits:
             return replace(sp, fix=tuple(overrides), fix_note=note)
     partial = _partial_backbone(cfg, sp, shape, classes, images, max_hours, measure,
-                                ckpt + (batch or own or []))
+                                ckpt + (batch or own or []), limit)
     if partial:
         return partial
     return replace(sp, fix_note="no override found that fits: try a larger GPU "
                                 "(--machine-shape NvidiaL4 or NvidiaH100)")
 
 
-def _partial_backbone(cfg, sp, shape, classes, images, max_hours, measure, base):
+def _partial_backbone(cfg, sp, shape, classes, images, max_hours, measure, base, limit):
     """Train the top k blocks (and the final norm + projection) only: the largest k that fits."""
     from guie.model import backbone
     from guie.plan.core import _meta_model
@@ -80,7 +83,8 @@ def _partial_backbone(cfg, sp, shape, classes, images, max_hours, measure, base)
     found = None
     while lo < hi:
         k = (lo + hi + 1) // 2
-        if _fits(cfg, overrides(k), sp.name, shape, classes, images, max_hours, measure).fits:
+        if _fits(cfg, overrides(k), sp.name, shape, classes, images, max_hours, measure,
+                 limit).fits:
             lo, found = k, k
         else:
             hi = k - 1

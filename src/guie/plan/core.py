@@ -5,14 +5,16 @@ and `submit.py plan` call both.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from guie.config import ExperimentConfig, StageConfig
 from guie.kaggle.platform import (MACHINE_SHAPES, OUTPUT_CAP_BYTES, PlatformError,
                                   check_machine_shape)
+from guie.kaggle.platform import machine_shape as machine_shape_of
 from guie.plan import estimates, measurements, memory, timing
-from guie.plan.gpus import GIB, gpu_of
+from guie.plan.gpus import GIB, MemoryLimit, gpu_of, memory_limit
 from guie.plan.memory import MemoryTerm, StageSetup
 
 DEFAULT_MAX_HOURS = 11.0  # the training kernel's budget per session (push --max-hours)
@@ -42,6 +44,9 @@ class StagePlan:
     fix: tuple[str, ...] = ()  # KEY=VALUE overrides that make it fit
     fix_note: str = ""
     warnings: tuple[str, ...] = ()
+    limit_source: str = ""  # which figure gpu_memory_limit_gib is (guie.plan.gpus.memory_limit)
+    # The source's epochs read other ways (guie.configs.epoch_readings): (label, epochs, hours)
+    readings: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class Plan:
     submission_zip_gib: float
     rate_source: str
     warnings: tuple[str, ...]
+    memory_limit: MemoryLimit | None = None
+    # The recipe's length under each reading of its source's epochs: (label, training hours)
+    readings: tuple[tuple[str, float], ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -104,8 +112,12 @@ def _meta_model(cfg: ExperimentConfig, num_classes: int):
 
 def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: int,
                train_images: int, max_hours: float, measure_missing: bool = True,
-               model_parts=None) -> StagePlan:
-    """One stage's memory, time and verdict (without a fix: `guie.plan.advice` adds it)."""
+               model_parts=None, limit: MemoryLimit | None = None,
+               epoch_readings: tuple[tuple[str, float], ...] = ()) -> StagePlan:
+    """One stage's memory, time and verdict (without a fix: `guie.plan.advice` adds it).
+
+    `limit`: the per-device memory the peak must stay below (default: `memory_limit(shape)`).
+    `epoch_readings`: (label, epochs) of other readings of the stage's length, timed too."""
     from guie.model import apply_stage_resolution, backbone
     from guie.train.optim import param_groups, trainable
 
@@ -136,44 +148,51 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
     setup = StageSetup(stage.name, stage.batch_size, world, from_cache, trains_backbone, ckpt, amp,
                        total, trained, bool(stage.ema_decay), share,
                        m if trains_backbone or not from_cache else None,
-                       m if from_cache else None, head.peak_bytes, head.weight_copy_bytes)
+                       m if from_cache else None, head.peak_bytes, head.weight_copy_bytes,
+                       stage.grad_clip_norm)
     peak = memory.stage_peak_gib(setup, gpu)
     terms = memory.training_terms(setup, gpu)
     _, extra = memory.peak_gib(terms, setup, gpu)
     if from_cache:
         terms += [replace(t, name=f"cache pass: {t.name}")
                   for t in memory.cache_pass_terms(setup, gpu)]
-    limit = shape.gpu_memory_gib
-    best = memory.max_batch(setup, gpu, limit)
+    limit = limit or memory_limit(shape)
+    best = memory.max_batch(setup, gpu, limit.gib)
     best_other, other_act = 0, None
     if other is not None:
         switched = replace(setup, checkpointing=not ckpt, backbone=other)
-        best_other = memory.max_batch(switched, gpu, limit)
+        best_other = memory.max_batch(switched, gpu, limit.gib)
         other_act = other.activation_bytes(stage.batch_size, share) / GIB
     rate = timing.rate_for(gpu)
     forward = m.forward_flops_per_image
+
+    def time_of(epochs: float) -> timing.StageTime:
+        if not train_images:
+            return timing.StageTime(0.0, 0.0, 0.0,
+                                    "not estimated: training images per epoch unknown")
+        if from_cache:
+            return timing.head_stage_time(train_images, epochs, stage.cache_views,
+                                          stage.batch_size, forward,
+                                          3 * head.forward_flops_per_image * stage.batch_size,
+                                          rate, shape.gpus, cfg.data.num_workers)
+        # a head stage told not to use the cache runs the backbone forward only
+        return timing.backbone_stage_time(train_images, epochs, forward,
+                                          share if trains_backbone else 0.0,
+                                          ckpt and trains_backbone, rate, shape.gpus,
+                                          cfg.data.num_workers)
+    st = time_of(stage.epochs)
     warnings = []
-    if not train_images:
-        st = timing.StageTime(0.0, 0.0, 0.0, "not estimated: training images per epoch unknown")
-    elif from_cache:
-        st = timing.head_stage_time(train_images, stage.epochs, stage.cache_views,
-                                    stage.batch_size, forward, 3 * head.forward_flops_per_image *
-                                    stage.batch_size, rate, shape.gpus, cfg.data.num_workers)
-        if st.hours > max_hours:
-            warnings.append(f"{stage.name}: the feature cache lives outside /kaggle/working "
-                            f"($GUIE_CACHE_DIR) and is lost when a session ends, so cache pass + "
-                            f"head training ({st.hours:.1f} h) must fit one {max_hours:g} h "
-                            "session")
-    elif not trains_backbone:  # a head stage told not to use the cache: backbone forward only
-        st = timing.backbone_stage_time(train_images, stage.epochs, forward, 0.0, False, rate,
-                                        shape.gpus, cfg.data.num_workers)
-    else:
-        st = timing.backbone_stage_time(train_images, stage.epochs, forward, share, ckpt, rate,
-                                        shape.gpus, cfg.data.num_workers)
-    return StagePlan(stage.name, peak <= limit, peak, limit, best, best_other, stage.batch_size,
-                     ckpt, tuple(terms + extra), other_act, st.hours, st.cache_pass_hours,
-                     timing.sessions_needed([st.hours], max_hours), st.basis,
-                     attention=gpu.attention_note, warnings=tuple(warnings))
+    if from_cache and st.hours > max_hours:
+        warnings.append(f"{stage.name}: the feature cache lives outside /kaggle/working "
+                        f"($GUIE_CACHE_DIR) and is lost when a session ends, so cache pass + "
+                        f"head training ({st.hours:.1f} h) must fit one {max_hours:g} h "
+                        "session")
+    readings = tuple((label, epochs, time_of(epochs).hours) for label, epochs in epoch_readings)
+    return StagePlan(stage.name, peak <= limit.gib, peak, limit.gib, best, best_other,
+                     stage.batch_size, ckpt, tuple(terms + extra), other_act, st.hours,
+                     st.cache_pass_hours, timing.sessions_needed([st.hours], max_hours),
+                     st.basis, attention=gpu.attention_note, warnings=tuple(warnings),
+                     limit_source=limit.source, readings=readings)
 
 
 def _head_in(model) -> int:
@@ -182,17 +201,26 @@ def _head_in(model) -> int:
 
 def plan_run(cfg: ExperimentConfig, machine_shape: str = "NvidiaTeslaT4", num_classes: int = 0,
              train_images: int = 0, max_hours: float = DEFAULT_MAX_HOURS,
-             measure_missing: bool = True, advise: bool = True) -> Plan:
+             measure_missing: bool = True, advise: bool = True,
+             workdir: str | Path | None = None) -> Plan:
     """The plan of every enabled stage of `cfg` on `machine_shape`.
 
     `num_classes`: defaults to cfg.num_classes, else the sample data's instances (an upper
     bound). `train_images`: images per epoch (default: from the config where it can tell).
-    `measure_missing`: measure activations on this CPU where no cached measurement exists."""
+    `measure_missing`: measure activations on this CPU where no cached measurement exists.
+    `workdir`: where `submit.py probe` left platform.json; its record of this machine shape (GPU
+    count, what PyTorch can allocate) wins over the kit's table."""
+    from guie.configs import epoch_readings
     from guie.plan import advice
     from guie.train.checkpoint import predict_output_bytes
 
     warnings = check_machine_shape(machine_shape)
-    shape = MACHINE_SHAPES[machine_shape]
+    if machine_shape not in MACHINE_SHAPES:
+        raise PlatformError(f"plan: {machine_shape!r} is no machine shape the kit knows, so its "
+                            "GPU and memory are unknown")
+    table = MACHINE_SHAPES[machine_shape]
+    shape = machine_shape_of(machine_shape, workdir) or table
+    limit = memory_limit(table, shape)
     gpu = gpu_of(shape)
     if gpu is None:
         raise PlatformError(f"plan: {machine_shape} ({shape.accelerator}) is no GPU the planner "
@@ -202,11 +230,16 @@ def plan_run(cfg: ExperimentConfig, machine_shape: str = "NvidiaTeslaT4", num_cl
         raise ValueError(f"plan: config {cfg.name!r} infers num_classes from its data; pass "
                          "num_classes=N")
     images, images_source = (train_images, "given") if train_images else train_images_of(cfg)
+    readings = epoch_readings(cfg)
     stages = []
     for stage in (s for s in cfg.stages if s.enabled):
-        sp = plan_stage(cfg, stage, shape, classes, images, max_hours, measure_missing)
+        sp = plan_stage(cfg, stage, shape, classes, images, max_hours, measure_missing,
+                        limit=limit, epoch_readings=tuple(
+                            (label, epochs[stage.name]) for label, epochs in readings
+                            if stage.name in epochs))
         if advise and not sp.fits:
-            sp = advice.with_fix(cfg, sp, shape, classes, images, max_hours, measure_missing)
+            sp = advice.with_fix(cfg, sp, shape, classes, images, max_hours, measure_missing,
+                                 limit)
         stages.append(sp)
     rate = timing.rate_for(gpu)
     _, model, preprocess, _ = _meta_model(cfg, classes)
@@ -231,7 +264,17 @@ def plan_run(cfg: ExperimentConfig, machine_shape: str = "NvidiaTeslaT4", num_cl
                 (sum(hours) + infer_h) / timing.WEEKLY_QUOTA_HOURS, scoring,
                 output.peak_bytes / GIB, output.end_bytes / GIB, OUTPUT_CAP_BYTES / GIB,
                 _submission_bytes(cfg, model) / GIB, rate.source,
-                tuple(warnings + [w for s in stages for w in s.warnings]))
+                tuple(warnings + [w for s in stages for w in s.warnings]), limit,
+                _reading_hours(readings, stages))
+
+
+def _reading_hours(readings, stages: list[StagePlan]) -> tuple[tuple[str, float], ...]:
+    """Each reading's training hours: its stages' hours, the configured hours elsewhere."""
+    out = []
+    for label, _ in readings:
+        out.append((label, sum(next((h for lab, _, h in s.readings if lab == label), s.hours)
+                               for s in stages)))
+    return tuple(out)
 
 
 def _submission_bytes(cfg: ExperimentConfig, model) -> int:

@@ -70,12 +70,13 @@ GPUS = {
         _CONTEXT_NOTE),
 }
 
-# DDP (the kit's torchrun path on 2xT4) keeps its gradient buckets beside the .grad tensors
-# (DistributedDataParallel's default gradient_as_bucket_view=False): one more copy of every
-# trained gradient. Plus NCCL's buffers: 4 MiB NCCL_BUFFSIZE per channel and peer.
-DDP_NOTE = ("DistributedDataParallel's buckets hold a second copy of every trained "
-            "gradient (gradient_as_bucket_view=False, PyTorch's default and the kit's), plus "
-            "NCCL buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)")
+# DDP (the kit's torchrun path on 2xT4): guie.train.step builds DistributedDataParallel with
+# gradient_as_bucket_view=True, so its buckets ARE the .grad tensors (counted once, under
+# "gradients"), and runs the micro-steps of a grad_accum window under no_sync (they accumulate
+# into those same tensors, one all-reduce per optimizer step): DDP adds NCCL's buffers only.
+DDP_NOTE = ("gradient_as_bucket_view=True: DDP's buckets are the .grad tensors (counted under "
+            "gradients), and no_sync on accumulation micro-steps accumulates into them; what DDP "
+            "adds is NCCL's buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)")
 NCCL_GIB = 0.25
 # The caching allocator rounds every block up (512 B; 2 MiB segments, 20 MiB for large ones)
 # and fragments: PyTorch's reserved memory exceeds the allocated peak.
@@ -88,6 +89,32 @@ STEP_FLOOR_S = estimates.STAGE1_STEP_S["T4"]  # launch-bound small steps (head s
 STEP_FLOOR_NOTE = (f"assumed: at least {STEP_FLOOR_S * 1e3:.0f} ms per step of a head-only "
                    "stage (kernel launches and an AdamW update; guie.plan.estimates)")
 TWO_GPU_SCALING = estimates.TWO_GPU_SCALING
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    gib: float  # per device: what a stage's peak must stay below
+    source: str  # which figure it is, said in the plan's output
+    kind: str  # "measured" (a probe of the card), "reported" (users' figures), "datasheet"
+
+
+def memory_limit(shape: MachineShape, probed: MachineShape | None = None) -> MemoryLimit:
+    """What PyTorch can allocate per device, which is what an out-of-memory error is judged
+    against (its "total capacity"), not the datasheet's figure: a probe's record of this shape
+    (`guie.kaggle.platform.machine_shape` with a workdir) where there is one, else the kit's
+    table (`MachineShape.allocatable_gib`), else the datasheet."""
+    if probed is not None and probed.allocatable_gib and probed is not shape:
+        return MemoryLimit(probed.allocatable_gib,
+                           "what PyTorch can allocate, recorded by `submit.py probe` on "
+                           f"{shape.name} (total_memory)", "measured")
+    if shape.allocatable_gib:
+        return MemoryLimit(shape.allocatable_gib,
+                           f"what PyTorch can allocate on {shape.accelerator.split(' ', 1)[-1]} "
+                           f"(guie.kaggle.platform; the datasheet says {shape.gpu_memory_gib:g})",
+                           "reported")
+    return MemoryLimit(shape.gpu_memory_gib,
+                       "the datasheet figure (what PyTorch can allocate there is unknown: a bit "
+                       "less; `submit.py probe` records it)", "datasheet")
 
 
 def gpu_of(shape: MachineShape) -> GpuFacts | None:

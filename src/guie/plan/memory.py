@@ -46,6 +46,7 @@ class StageSetup:
     cache_pass: Measurement | None  # the no-grad measurement for the feature-cache pass
     head_peak_bytes: tuple[int, int]  # head + loss step at BATCHES, measured
     head_copy_bytes: int
+    grad_clip_norm: float = 0.0  # > 0: clip_grad_norm_ after the scaler unscales
 
 
 def _line(points: tuple[int, ...], batch: float) -> float:
@@ -60,13 +61,15 @@ def training_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> li
         MemoryTerm("weights", s.params_total * FP32 / GIB, "counted",
                    f"{s.params_total / 1e6:.1f}M fp32 parameters (backbone, head, class centres)"),
         MemoryTerm("gradients", trained / GIB, "counted",
-                   f"{s.params_trained / 1e6:.1f}M trained parameters, fp32"),
+                   f"{s.params_trained / 1e6:.1f}M trained parameters, fp32"
+                   + (f"; unscaled and clipped to norm {s.grad_clip_norm:g} in place (foreach "
+                      "kernels: one fp32 norm per tensor, no gradient copy)"
+                      if s.grad_clip_norm else "")),
         MemoryTerm("optimizer state", (2 + s.ema) * trained / GIB, "counted",
                    "AdamW exp_avg + exp_avg_sq, fp32" + (" + EMA copy" if s.ema else "")),
     ]
     if s.world > 1:
-        terms.append(MemoryTerm("DDP gradient buckets", trained / GIB + gpus.NCCL_GIB,
-                                "estimate", gpus.DDP_NOTE))
+        terms.append(MemoryTerm("DDP (NCCL buffers)", gpus.NCCL_GIB, "estimate", gpus.DDP_NOTE))
     if s.backbone is not None:
         act, copies = s.backbone.train_peak(batch, s.block_share)
         terms.append(MemoryTerm(

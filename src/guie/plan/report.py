@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from guie.plan.advice import shell_words
 from guie.plan.core import Plan
+from guie.plan.timing import sessions_needed
 
 
 def format_plan(plan: Plan) -> str:
     lines = [f"plan for `{plan.config}` on {plan.machine_shape} ({plan.accelerator}): "
              f"{plan.num_classes:,} classes, {plan.train_images:,} training images per epoch "
              f"({plan.train_images_source}); sessions of {plan.max_hours:g} h"]
+    if plan.memory_limit is not None:
+        lines.append(f"GPU memory limit: {plan.memory_limit.gib:g} GiB per GPU, "
+                     f"{plan.memory_limit.source} [{plan.memory_limit.kind}]")
     for s in plan.stages:
         verdict = "fits" if s.fits else "DOES NOT FIT"
         lines.append(f"\n{s.name}: {verdict}: {s.gpu_memory_gib:.2f} of {s.gpu_memory_limit_gib:g}"
@@ -28,6 +32,8 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  attention: {s.attention} [estimate]")
         lines.append(f"  time: {s.hours:.2f} h [estimate] ({s.time_basis}); {s.sessions} "
                      f"session(s) of {plan.max_hours:g} h")
+        for label, epochs, hours in s.readings:
+            lines.append(f"  length read as {label}: {epochs:g} epochs, {hours:.2f} h [estimate]")
         if s.fix:
             lines.append(f"  fix: {shell_words(s.fix)}  ({s.fix_note})")
         elif s.fix_note:
@@ -37,6 +43,10 @@ def format_plan(plan: Plan) -> str:
                  f"{plan.max_hours:g} h; with the inference kernel "
                  f"({plan.inference_kernel_hours:.2f}"
                  f" h) {plan.quota_share:.0%} of a ~30 h weekly GPU quota [estimate]")
+    for label, hours in plan.readings:
+        lines.append(f"recipe length read as {label}: {hours:.1f} h of training in "
+                     f"{sessions_needed([hours], plan.max_hours)} session(s) of "
+                     f"{plan.max_hours:g} h [estimate]")
     lines.append(f"scoring run (the host embeds {205_000:,} test images with saved_model.pt, one "
                  f"GPU): {plan.scoring_hours:.2f} h of the 9 h limit [estimate]")
     lines.append(f"training output: {plan.output_gib:.2f} GiB at its peak, "
@@ -55,13 +65,16 @@ def plan_json(plan: Plan) -> dict:
         "accelerator": plan.accelerator, "num_classes": plan.num_classes,
         "train_images": plan.train_images, "max_hours": plan.max_hours,
         "stages": [{"name": s.name, "fits": s.fits, "gpu_memory_gib": round(s.gpu_memory_gib, 3),
-                    "gpu_memory_limit_gib": s.gpu_memory_limit_gib, "max_batch": s.max_batch,
+                    "gpu_memory_limit_gib": s.gpu_memory_limit_gib,
+                    "gpu_memory_limit_source": s.limit_source, "max_batch": s.max_batch,
                     "max_batch_other_checkpointing": s.max_batch_other_checkpointing,
                     "activations_gib_other_checkpointing": s.activations_gib_other_checkpointing,
                     "batch": s.batch, "checkpointing": s.checkpointing,
                     "hours": round(s.hours, 3), "cache_pass_hours": round(s.cache_pass_hours, 3),
                     "sessions": s.sessions, "attention": s.attention,
                     "fix": list(s.fix), "fix_note": s.fix_note,
+                    "epoch_readings": [{"reading": label, "epochs": e, "hours": round(h, 3)}
+                                       for label, e, h in s.readings],
                     "terms": [{"name": t.name, "gib": round(t.gib, 4), "kind": t.kind,
                                "basis": t.basis} for t in s.terms]}
                    for s in plan.stages],
@@ -72,4 +85,6 @@ def plan_json(plan: Plan) -> dict:
         "submission_zip_gib": round(plan.submission_zip_gib, 3),
         "quota_share": round(plan.quota_share, 4), "scoring_hours": round(plan.scoring_hours, 3),
         "throughput_source": plan.rate_source, "warnings": list(plan.warnings),
+        "epoch_readings": [{"reading": label, "training_hours": round(h, 3)}
+                           for label, h in plan.readings],
     }
