@@ -1,5 +1,5 @@
-"""Kaggle commands: `push`, `status`, `submit`, `leaderboard`, `push-weights` (`run` and
-`probe` live in `guie_cli.kaggle_run`).
+"""Kaggle commands: `push`, `submit`, `leaderboard`, `push-weights` (`run`, `probe` and
+`status` live in `guie_cli.kaggle_run`).
 
 A mistake (a refused call, a bad config, a missing file) raises the kit's own error types, which
 `guie_cli.main` prints as one `error:` line (exit 2). Everything that would write to Kaggle
@@ -11,66 +11,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from guie.kaggle import packaging
-from guie.kaggle.build import build_kernels, upload_datasets
-from guie.kaggle.inputs import is_kaggle_ref
+from guie.kaggle.build import (build_kernels, pin_dataset_sources, pinned_versions,
+                               upload_datasets)
 from guie.kaggle.notebooks import kernel_config, slugify_title
-from guie.kaggle.platform import (OUTPUT_CAP_BYTES, PLATFORM_RECORD, check_machine_shape,
-                                  platform_facts)
-from guie.kaggle.probe import PROBE_OUTPUT
+from guie.kaggle.platform import check_machine_shape, platform_facts
+from guie.kaggle.results import LATE_NOTE
 from guie_cli.kaggle_common import (common_args, confirm, connect, git_commit, list_folder,
-                                    load_state, machine_args, owned_config, read_json, save_state,
-                                    secrets_and_owner, standalone_main, state_path,
-                                    wheel_download)
+                                    load_state, machine_args, owned_config, platform_notes,
+                                    preflight_gate, print_output_size, print_plan, read_json,
+                                    save_state, secrets_and_owner, standalone_main,
+                                    state_path, weights_notes, wheel_download)
 
 
 # ----------------------------------------------------------------------------- push
 
 
-def _weights_notes(cfg) -> list[str]:
-    """What the dry run says about the weights the kernels will load."""
-    from guie.config import TINY_BACKBONE
-
-    path = cfg.model.pretrained_path
-    if path:
-        how = "attached from Kaggle" if is_kaggle_ref(path) else "a path that must exist on Kaggle"
-        return [f"weights: {path} ({how})"]
-    if cfg.model.backbone != TINY_BACKBONE:
-        return [f"warning: model.pretrained_path is empty: {cfg.model.backbone} starts from RANDOM "
-                "weights. Upload them with `submit.py push-weights FILE` and set the "
-                "model.pretrained_path it prints."]
-    return ["weights: none (the kit's tiny test backbone trains from random weights)"]
-
-
-def _platform_notes(facts) -> list[str]:
-    """What a probe record says about the wheels' needs on Kaggle (nothing without a probe)."""
-    if not facts.packages:
-        return []
-    import importlib.metadata
-
-    notes = [f"platform: Python {facts.python_version}, {facts.layout} mount layout "
-             f"(from {facts.source})"]
-    for dist in packaging.CHECKED_DISTRIBUTIONS:
-        needs = importlib.metadata.requires(dist) or []
-        wheels = {r.split("==")[0].lower().replace("_", "-") for r in packaging.WHEEL_REQUIREMENTS}
-        seen = {k.lower().replace("_", "-"): v for k, v in facts.packages.items() if v}
-        problems = [p for p in packaging.unmet_requirements(needs, seen.get)
-                    if p.split()[0].lower().replace("_", "-") not in wheels]
-        notes += [f"warning: on Kaggle {dist} will lack what it needs: {p}" for p in problems]
-    return notes
-
-
 def cmd_push(args: argparse.Namespace) -> int:
+    from guie.kaggle import preflight
+    from guie.kaggle.sessions import wait_for_push
+
     cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
-    warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
+    warnings = check_machine_shape(args.machine_shape)
     client, owner, secrets = secrets_and_owner(args)
     cfg, overrides = owned_config(args, owner)
     facts = platform_facts(args.workdir)
+    if client is not None:
+        client.label_format = facts.version_label
     state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     chosen = ["train", "infer"] if args.kernels == "both" else [args.kernels]
     # Pushed together, the inference kernel would run at once on the training kernel's
@@ -88,8 +59,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     source, plans, folders = build.source, build.plans, build.folders
     print(f"config {args.config}{' ' + ' '.join(overrides) if overrides else ''}: "
           f"kernels {', '.join(plans[k].ref for k in chosen)}")
-    for line in [*warnings, *_weights_notes(cfg), *_platform_notes(facts)]:
+    for line in [*warnings, *weights_notes(cfg), *platform_notes(facts)]:
         print(line)
+    bound = (preflight.session_bound_h(args.max_hours) if "train" in chosen
+             else preflight.INFER_SESSION_H + preflight.SETUP_ALLOWANCE_H)
+    preflight_gate(args, cfg, client, bound)  # before anything is sent
     requirements = list(packaging.WHEEL_REQUIREMENTS)
 
     if args.dry_run:
@@ -101,11 +75,13 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"dataset {build.wheels_ref}: sent only if missing or its pins changed, from "
               f"{args.wheels_from or 'pip download'} {' '.join(requirements)} (pure-Python wheels "
               f"for Python {facts.python_version}, from {facts.source})")
+        print("the kernels attach the source and wheels datasets at the versions this push "
+              "leaves current (owner/slug/N)")
         for kind, folder in folders.items():
             list_folder(f"kernel {plans[kind].ref}", folder,
-                         {"kernel-metadata.json": plans[kind].metadata,
-                          "parameters": plans[kind].parameters})
-        _print_output_size(cfg)
+                        {"kernel-metadata.json": plans[kind].metadata,
+                         "parameters": plans[kind].parameters})
+        print_output_size(cfg)
         print_plan(cfg, args.machine_shape, args.max_hours)
         return 0
 
@@ -117,13 +93,15 @@ def cmd_push(args: argparse.Namespace) -> int:
                  **datasets, "kernels": kernels,
                  "pushed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "submissions": state.get("submissions", []),
-                 **({"probe": state["probe"]} if "probe" in state else {})}
+                 **{k: state[k] for k in ("probe", "probe_label") if k in state}}
 
     def push(kind: str) -> None:
+        pin_dataset_sources(folders[kind], pinned_versions(datasets))
         result = client.push_kernel(folders[kind])
-        run = plans[kind].parameters.get("run") or plans[kind].parameters.get("expected_run")
+        parameters = plans[kind].parameters
         kernels[kind] = {"ref": result.ref, "url": result.url, "version": result.version,
-                         "run": run}
+                         "run": parameters.get("run") or parameters.get("expected_run"),
+                         "nonce": parameters["push_nonce"]}
         print(f"kernel {result.ref} version {result.version}: {result.url}")
         save_state(args, new_state)
 
@@ -135,93 +113,22 @@ def cmd_push(args: argparse.Namespace) -> int:
               "with --wait to do both).")
         return 0
     if "infer" in chosen and "train" in chosen:
-        status = client.wait_kernel(kernels["train"]["ref"], poll_s=args.poll_s)
-        if status.state != "COMPLETE":
-            raise ValueError(f"training kernel {kernels['train']['ref']} ended {status.state} "
-                             f"{status.failure_message}; the inference kernel was not pushed "
-                             "(`submit.py status --wait` shows its log)".rstrip())
+        train = kernels["train"]
+        session = wait_for_push(client, train["ref"], train["version"], train["nonce"],
+                                Path(args.workdir) / "outputs" / train["ref"].split("/")[1],
+                                [], args.poll_s, args.stale_grace_s)
+        status = session.status
+        if status.state != "COMPLETE" or not session.ours:
+            what = status.state if session.ours else "COMPLETE, but not with this push's output"
+            raise ValueError(f"training kernel {train['ref']} version {train['version']} ended "
+                             f"{what} {status.failure_message}; the inference kernel was not "
+                             "pushed (`submit.py status --wait` shows its log)".rstrip())
     if "infer" in chosen:
         push("infer")
         print("next: `submit.py status --wait`, then `submit.py submit`")
     else:
         print("next: `submit.py status --wait`")
     return 0
-
-
-def _print_output_size(cfg) -> None:
-    """The training kernel's predicted output against Kaggle's 20 GB cap."""
-    from guie.train.checkpoint import predict_output_bytes
-
-    # Sample-data configs infer their classes from data built in the kernel: at most one per
-    # instance, an upper bound that keeps the prediction on the safe side.
-    classes = cfg.num_classes or cfg.data.sample_instances
-    if not classes:
-        print("training output: not predicted: the config infers num_classes from its data; "
-              "pass num_classes=N to see it against Kaggle's 20 GB cap")
-        return
-    predicted = predict_output_bytes(cfg, num_classes=classes)
-    verdict = "fits" if predicted.fits(OUTPUT_CAP_BYTES) else "OVER THE CAP"
-    print(f"training output (predicted from parameter counts, {classes} classes): "
-          f"{predicted.end_bytes / 1e9:.2f} GB at the end, {predicted.peak_bytes / 1e9:.2f} GB at "
-          f"its peak, against Kaggle's {OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
-
-
-def print_plan(cfg, machine_shape: str, max_hours: float) -> None:
-    """`submit.py plan`'s table for what is pushed: fits, hours, sessions, quota (issue 15)."""
-    from guie.plan import format_plan, plan_run
-
-    try:  # no 10-minute CPU measurement inside a dry run: cached or shipped ones only
-        plan = plan_run(cfg, machine_shape, max_hours=max_hours, measure_missing=False)
-    except ValueError as e:
-        print(f"plan: not shown ({e}); `submit.py plan --config {cfg.name}` measures and shows it")
-        return
-    print(format_plan(plan))
-
-
-# ----------------------------------------------------------------------------- status
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    state = load_state(args)
-    client = connect()
-    failed = False
-    watched = {**state.get("kernels", {}),
-               **({"probe": state["probe"]} if "probe" in state else {})}
-    for kind, info in watched.items():
-        ref = info["ref"]
-        if args.wait:
-            last: list[str] = []
-
-            def show(status, kind=kind, last=last) -> None:
-                if status.state not in last:
-                    last.append(status.state)
-                    print(f"{kind:6s} {status.ref}: {status.state}", flush=True)
-            status = client.wait_kernel(ref, poll_s=args.poll_s, on_poll=show)
-            output = client.download_kernel_output(
-                ref, Path(args.workdir) / "outputs" / ref.split("/")[1])
-            print(f"{kind:6s} {ref}: {len(output.files)} output files and the log in "
-                  f"{Path(args.workdir) / 'outputs' / ref.split('/')[1]}")
-            if status.state == "ERROR":
-                tail = "\n".join(output.log_text.splitlines()[-args.log_lines:])
-                print(f"--- last {args.log_lines} log lines of {ref} ---\n{tail}")
-            record = next((f for f in output.files if f.name == PROBE_OUTPUT), None)
-            if kind == "probe" and record is not None:
-                shutil.copy2(record, Path(args.workdir) / PLATFORM_RECORD)
-                print("probe: Kaggle's platform recorded in "
-                      f"{Path(args.workdir) / PLATFORM_RECORD}; "
-                      "push uses it from now on")
-        else:
-            status = client.kernel_status(ref)
-            print(f"{kind:6s} {ref}: {status.state}")
-        if status.failure_message:
-            print(f"{kind:6s} failure: {status.failure_message}")
-        failed |= status.state == "ERROR"
-    if not failed and state.get("kernels", {}).get("infer"):
-        print("next: `submit.py submit` once the inference kernel is COMPLETE")
-    elif not failed and state.get("kernels", {}).get("train"):
-        print(f"next: once training is COMPLETE, `submit.py push --config {state['config']} "
-              "--kernels infer`")
-    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------- submit
@@ -249,8 +156,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"(file {args.file}) to {COMPETITION} with message {message!r}; nothing is sent.")
         return 0
     client = connect()
-    status = client.kernel_status(kernel["ref"])
-    outputs = client.kernel_output_names(kernel["ref"]) if status.state == "COMPLETE" else []
+    client.label_format = platform_facts(args.workdir).version_label
+    # Version N's own state and output, not whichever session Kaggle calls latest.
+    status = client.kernel_status(kernel["ref"], version)
+    outputs = (client.kernel_output_names(kernel["ref"], version)
+               if status.state == "COMPLETE" else [])
     print(f"kernel {kernel['ref']} version {version}: {status.state}; output "
           f"{args.file} {'present' if args.file in outputs else 'MISSING'}")
     if status.state != "COMPLETE":
@@ -269,7 +179,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"submitted: ref {receipt.ref}: {receipt.message} ({receipt.remaining_today} left today)")
-    print("next: `submit.py leaderboard` shows the score once Kaggle has scored it")
+    print(f"next: `submit.py leaderboard` shows the score once Kaggle has scored it. {LATE_NOTE}")
     state.setdefault("submissions", []).append(
         {"ref": receipt.ref, "kernel": kernel["ref"], "version": version, "message": message})
     save_state(args, state)
@@ -288,6 +198,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     history = append_history(work / "history.csv", snapshot(submissions, board))
     png = plot_history(history, work / "history.png")
     print(format_tables(submissions, board))
+    print(LATE_NOTE)
     print(f"history: {work / 'history.csv'} ({len(history)} rows), plot: {png}")
     if args.download:
         print(f"full leaderboard: {client.download_leaderboard(work)}")
@@ -344,7 +255,7 @@ def register(subparsers) -> None:
                    help="extra dataset to attach to both kernels (weights; repeatable)")
     p.add_argument("--resume-kernel", default=None, metavar="OWNER/SLUG",
                    help="a previous training kernel whose output the training run resumes from")
-    machine_args(p)
+    machine_args(p, gate=True)
     p.add_argument("--wait", action="store_true",
                    help="push training, wait until it has finished, then push inference on it")
     p.add_argument("--public", action="store_true",
@@ -355,14 +266,6 @@ def register(subparsers) -> None:
                    help="take the wheels from this folder instead of `pip download`")
     common(p, poll=True)
     p.set_defaults(func=cmd_push)
-
-    p = subparsers.add_parser("status",
-                              help="state of the pushed kernels; --wait downloads outputs")
-    p.add_argument("--wait", action="store_true",
-                   help="poll until done, then download output + log")
-    p.add_argument("--log-lines", type=int, default=40, help="log lines shown for a failed kernel")
-    common(p, dry_run=False, poll=True)
-    p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("submit", help="submit the inference kernel's submission.zip")
     p.add_argument("--version", type=int, default=None,

@@ -1,4 +1,6 @@
-"""What the Kaggle commands share: the workdir's state, credentials, listings, arguments."""
+"""What the Kaggle commands share: the workdir's state, credentials, listings, arguments, what a
+dry run shows (weights, platform, output size, plan), and the preflight gate of `push` and
+`run`."""
 from __future__ import annotations
 
 import argparse
@@ -104,11 +106,139 @@ def wheel_download(args: argparse.Namespace) -> Callable[[Sequence[str], Path, s
     return copy_from
 
 
-def machine_args(p: argparse.ArgumentParser) -> None:
+def machine_args(p: argparse.ArgumentParser, gate: bool = False) -> None:
     p.add_argument("--machine-shape", default=DEFAULT_MACHINE_SHAPE,
-                   help="Kaggle machine_shape (NvidiaTeslaT4 is 2xT4)")
-    p.add_argument("--allow-unknown-machine-shape", action="store_true",
-                   help="send a machine shape the kit does not know (Kaggle may give a P100)")
+                   help="Kaggle machine_shape (NvidiaTeslaT4 is 2xT4; a name the kit does not "
+                        "know is sent as given and Kaggle's answer shown)")
+    # Kept so that scripts written when unknown names were refused still run; it does nothing.
+    p.add_argument("--allow-unknown-machine-shape", action="store_true", help=argparse.SUPPRESS)
+    if gate:
+        p.add_argument("--skip-preflight", action="store_true",
+                       help="send it even when the plan does not fit the machine's GPU memory or "
+                            "the GPU quota left cannot finish the session")
+        p.add_argument("--stale-grace-s", type=float, default=600.0,
+                       help="how long a finished session without this push's nonce counts as a "
+                            "stale read of the previous one")
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def read_quota(client, args: argparse.Namespace):
+    """Kaggle's GPU quota (None where it reports none). A dry run reads it only where credentials
+    exist, and says so when it cannot."""
+    from guie.kaggle.credentials import find_credentials
+    from guie.kaggle.results import KaggleError
+
+    if client is None:
+        if not find_credentials().username:
+            return None
+        try:
+            client = connect()
+        except KaggleError as e:
+            print(f"GPU quota: not read ({e})")
+            return None
+    return client.quota()
+
+
+def preflight_gate(args: argparse.Namespace, cfg, client, bound_h: float) -> None:
+    """`push` and `run`: PreflightRefused (exit 2) before anything is sent, unless
+    --skip-preflight; a dry run prints the verdict instead. The memory half is judged first,
+    so that a plan that cannot fit is refused before any request (the quota read included)."""
+    from guie.kaggle import preflight
+
+    if args.skip_preflight:
+        for line in preflight.quota_lines(read_quota(client, args)):
+            print(line)
+        print(f"preflight: skipped ({preflight.SKIP_FLAG})")
+        return
+    refusals = preflight.memory_refusals(cfg, args.machine_shape, args.workdir)
+    if refusals and not args.dry_run:
+        preflight.refuse(args.machine_shape, refusals)
+    quota = read_quota(client, args)
+    for line in preflight.quota_lines(quota):
+        print(line)
+    refusals += list(filter(None, [preflight.quota_refusal(quota, bound_h)]))
+    if refusals and not args.dry_run:
+        preflight.refuse(args.machine_shape, refusals)
+    if refusals:
+        print(f"preflight: would refuse: {'; '.join(refusals)}")
+    else:
+        print(f"preflight: the plan fits {args.machine_shape} and the quota left can finish a "
+              f"session of up to {bound_h:.2f} h (from push to end)")
+
+
+# ----------------------------------------------------------------------------- dry-run notes
+
+
+def weights_notes(cfg) -> list[str]:
+    """What the dry run says about the weights the kernels will load."""
+    from guie.config import TINY_BACKBONE
+    from guie.kaggle.inputs import is_kaggle_ref
+
+    path = cfg.model.pretrained_path
+    if path:
+        how = "attached from Kaggle" if is_kaggle_ref(path) else "a path that must exist on Kaggle"
+        return [f"weights: {path} ({how})"]
+    if cfg.model.backbone != TINY_BACKBONE:
+        return [f"warning: model.pretrained_path is empty: {cfg.model.backbone} starts from RANDOM "
+                "weights. Upload them with `submit.py push-weights FILE` and set the "
+                "model.pretrained_path it prints."]
+    return ["weights: none (the kit's tiny test backbone trains from random weights)"]
+
+
+def platform_notes(facts) -> list[str]:
+    """What a probe record says about the wheels' needs on Kaggle (nothing without a probe)."""
+    if not facts.packages:
+        return []
+    import importlib.metadata
+
+    notes = [f"platform: Python {facts.python_version}, {facts.layout} mount layout "
+             f"(from {facts.source})"]
+    for dist in packaging.CHECKED_DISTRIBUTIONS:
+        needs = importlib.metadata.requires(dist) or []
+        wheels = {r.split("==")[0].lower().replace("_", "-") for r in packaging.WHEEL_REQUIREMENTS}
+        seen = {k.lower().replace("_", "-"): v for k, v in facts.packages.items() if v}
+        problems = [p for p in packaging.unmet_requirements(needs, seen.get)
+                    if p.split()[0].lower().replace("_", "-") not in wheels]
+        notes += [f"warning: on Kaggle {dist} will lack what it needs: {p}" for p in problems]
+    return notes
+
+
+def print_output_size(cfg) -> None:
+    """The training kernel's predicted output against Kaggle's 20 GB cap."""
+    from guie.kaggle.platform import OUTPUT_CAP_BYTES
+    from guie.train.checkpoint import predict_output_bytes
+
+    # Sample-data configs infer their classes from data built in the kernel: at most one per
+    # instance, an upper bound that keeps the prediction on the safe side.
+    classes = cfg.num_classes or cfg.data.sample_instances
+    if not classes:
+        print("training output: not predicted: the config infers num_classes from its data; "
+              "pass num_classes=N to see it against Kaggle's 20 GB cap")
+        return
+    predicted = predict_output_bytes(cfg, num_classes=classes)
+    verdict = "fits" if predicted.fits(OUTPUT_CAP_BYTES) else "OVER THE CAP"
+    print(f"training output (predicted from parameter counts, {classes} classes): "
+          f"{predicted.end_bytes / 1e9:.2f} GB at the end, {predicted.peak_bytes / 1e9:.2f} GB at "
+          f"its peak, against Kaggle's {OUTPUT_CAP_BYTES / 1e9:.0f} GB cap: {verdict}")
+
+
+def print_plan(cfg, machine_shape: str, max_hours: float) -> None:
+    """`submit.py plan`'s table for what is pushed: fits, hours, sessions, quota (issue 15)."""
+    from guie.kaggle.platform import MACHINE_SHAPES
+    from guie.plan import format_plan, plan_run
+
+    shape = MACHINE_SHAPES.get(machine_shape)
+    if shape is None or not shape.gpus:
+        print(f"plan: not shown: the planner knows no GPU for machine shape {machine_shape}")
+        return
+    try:  # no 10-minute CPU measurement inside a dry run: cached or shipped ones only
+        plan = plan_run(cfg, machine_shape, max_hours=max_hours, measure_missing=False)
+    except ValueError as e:
+        print(f"plan: not shown ({e}); `submit.py plan --config {cfg.name}` measures and shows it")
+        return
+    print(format_plan(plan))
 
 
 def common_args(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = False) -> None:

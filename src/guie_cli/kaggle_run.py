@@ -1,5 +1,6 @@
 """Kaggle commands that drive kernels to an end: `run` (a config to a scored submission, across
-as many training sessions as it takes) and `probe` (record Kaggle's platform once)."""
+as many training sessions as it takes), `status` (wait on what `push` and `probe` sent, bring
+back outputs and logs) and `probe` (record Kaggle's platform once)."""
 from __future__ import annotations
 
 import argparse
@@ -7,30 +8,35 @@ import json
 import sys
 from pathlib import Path
 
-from guie.kaggle import packaging
+from guie.kaggle import packaging, preflight
 from guie.kaggle.chain import UNTIL, Chain, ChainSettings, ChainStopped, describe
 from guie.kaggle.notebooks import kernel_config, plan_probe, write_kernel
 from guie.kaggle.platform import PLATFORM_RECORD, check_machine_shape, platform_facts
 from guie.kaggle.probe import PROBE_OUTPUT
-from guie_cli.kaggle_cmds import print_plan
-from guie_cli.kaggle_common import (common_args, list_folder, machine_args, owned_config,
+from guie_cli.kaggle_common import (common_args, connect, list_folder, load_state, machine_args,
+                                    owned_config, preflight_gate, print_plan,
                                     save_state, secrets_and_owner, standalone_main, state_path,
                                     wheel_download)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = kernel_config(args.config, args.overrides)
-    for line in check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape):
+    for line in check_machine_shape(args.machine_shape):
         print(line)
     client, owner, secrets = secrets_and_owner(args)
     cfg, overrides = owned_config(args, owner)
+    facts = platform_facts(args.workdir)
+    if client is not None:
+        client.label_format = facts.version_label
     settings = ChainSettings(
         config_name=args.config, overrides=tuple(overrides), owner=owner,
         workdir=Path(args.workdir), secrets=tuple(secrets),
-        python_version=platform_facts(args.workdir).python_version, until=args.until,
+        python_version=facts.python_version, until=args.until,
         max_hours=args.max_hours, max_quota_hours=args.max_quota_hours,
         machine_shape=args.machine_shape, daily_cap=args.daily_cap, poll_s=args.poll_s,
-        plan_options={"compat": args.compat})
+        stale_grace_s=args.stale_grace_s, plan_options={"compat": args.compat})
+    # The first session, before anything is sent; the chain reads the quota again before each.
+    preflight_gate(args, cfg, client, preflight.session_bound_h(args.max_hours))
     if args.dry_run:
         print(f"[dry run] the chain for config {args.config}, until {args.until}; nothing is sent:")
         for line in describe(settings, len([s for s in cfg.stages if s.enabled])):
@@ -53,26 +59,94 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    warnings = check_machine_shape(args.machine_shape, args.allow_unknown_machine_shape)
+    from guie.kaggle.probe_record import account_facts
+
+    warnings = check_machine_shape(args.machine_shape)
     client, owner, secrets = secrets_and_owner(args)
-    plan = plan_probe(owner, args.machine_shape)
-    folder = write_kernel(plan, Path(args.workdir) / "kernels")
-    packaging.scan_for_secrets(sorted(p for p in folder.iterdir() if p.is_file()), secrets)
+    # A CPU session first (no GPU quota), only to be an older version whose record the real
+    # probe's status reads back by label (guie.kaggle.probe_record).
+    plans = {"probe_label": plan_probe(owner, None), "probe": plan_probe(owner, args.machine_shape)}
     for line in warnings:
         print(line)
+    folders = {}
+    for key, plan in plans.items():
+        folders[key] = write_kernel(plan, Path(args.workdir) / "kernels" / key)
+        packaging.scan_for_secrets(sorted(p for p in folders[key].iterdir() if p.is_file()),
+                                   secrets)
     if args.dry_run:
-        print("[dry run] nothing is sent to Kaggle.")
-        list_folder(f"kernel {plan.ref}", folder, {"kernel-metadata.json": plan.metadata})
+        print("[dry run] nothing is sent to Kaggle. Two versions of the probe kernel: a CPU one, "
+              "then one on the machine shape (the first settles how versions are named).")
+        for key, plan in plans.items():
+            list_folder(f"kernel {plan.ref} ({key})", folders[key],
+                        {"kernel-metadata.json": plan.metadata})
         return 0
-    result = client.push_kernel(folder)
     state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     state.setdefault("kernels", {})
-    state["probe"] = {"ref": result.ref, "url": result.url, "version": result.version}
+    for key, plan in plans.items():
+        result = client.push_kernel(folders[key])
+        state[key] = {"ref": result.ref, "url": result.url, "version": result.version,
+                      "nonce": plan.parameters["push_nonce"]}
+        print(f"kernel {result.ref} version {result.version}: {result.url}")
+    state["probe"].update(machine_shape=args.machine_shape, account=account_facts(client))
     save_state(args, state)
-    print(f"kernel {result.ref} version {result.version}: {result.url}\n"
-          f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
+    print(f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
           f"{Path(args.workdir) / PLATFORM_RECORD}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from guie.kaggle.probe_record import settle_version_label, write_platform_record
+    from guie.kaggle.sessions import wait_for_push
+
+    state = load_state(args)
+    client = connect()
+    client.label_format = platform_facts(args.workdir).version_label
+    failed = False
+    watched = {**state.get("kernels", {}),
+               **({"probe": state["probe"]} if "probe" in state else {})}
+    for kind, info in watched.items():
+        ref, version = info["ref"], info.get("version")
+        if not args.wait:
+            status = client.kernel_status(ref, version)
+            print(f"{kind:6s} {ref} version {version}: {status.state}")
+        else:
+            last: list[str] = []
+
+            def show(status, kind=kind, last=last) -> None:
+                if status.state not in last:
+                    last.append(status.state)
+                    print(f"{kind:6s} {status.ref}: {status.state}", flush=True)
+            dest = Path(args.workdir) / "outputs" / ref.split("/")[1]
+            session = wait_for_push(client, ref, version, info.get("nonce"), dest,
+                                    poll_s=args.poll_s, on_poll=show)
+            status, output = session.status, session.output
+            print(f"{kind:6s} {ref}: {len(output.files)} output files and the log in {dest}"
+                  + ("" if session.ours else " (NOT this push's output: a stale read)"))
+            if status.state == "ERROR":
+                tail = "\n".join(output.log_text.splitlines()[-args.log_lines:])
+                print(f"--- last {args.log_lines} log lines of {ref} ---\n{tail}")
+            record = next((f for f in output.files if f.name == PROBE_OUTPUT), None)
+            if kind == "probe" and record is not None and session.ours:
+                label = None
+                if "probe_label" in state:
+                    older = state["probe_label"]
+                    client.wait_kernel(older["ref"], poll_s=args.poll_s,
+                                       version=older.get("version"))
+                    label = settle_version_label(client, ref, older)
+                    print(f"probe: kernel versions are read with label format {label['format']}"
+                          if label["format"] else "probe: Kaggle honours no version label "
+                          f"format ({label['tried']}); the push nonce tells sessions apart")
+                target = write_platform_record(record, Path(args.workdir), info, label)
+                print(f"probe: Kaggle's platform recorded in {target}; push uses it from now on")
+        if status.failure_message:
+            print(f"{kind:6s} failure: {status.failure_message}")
+        failed |= status.state == "ERROR"
+    if not failed and state.get("kernels", {}).get("infer"):
+        print("next: `submit.py submit` once the inference kernel is COMPLETE")
+    elif not failed and state.get("kernels", {}).get("train"):
+        print(f"next: once training is COMPLETE, `submit.py push --config {state['config']} "
+              "--kernels infer`")
+    return 1 if failed else 0
 
 
 def register(subparsers) -> None:
@@ -82,15 +156,24 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--until", choices=UNTIL, default="submitted", help="where the chain stops")
     p.add_argument("--max-hours", type=float, default=11.0, help="training budget per session")
-    p.add_argument("--max-quota-hours", type=float, default=30.0,
-                   help="GPU hours the chain may spend (Kaggle's weekly quota is about 30)")
+    p.add_argument("--max-quota-hours", type=float, default=None,
+                   help="GPU hours this chain may spend, on top of the quota Kaggle reports "
+                        "(default: no cap of its own)")
     p.add_argument("--daily-cap", type=int, default=5, help="submissions allowed per UTC day")
     p.add_argument("--compat", choices=("none", "torch1.11"), default="none")
     p.add_argument("--wheels-from", default=None, metavar="DIR",
                    help="take the wheels from this folder instead of `pip download`")
-    machine_args(p)
+    machine_args(p, gate=True)
     common_args(p, poll=True)
     p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("status",
+                              help="state of the pushed kernels; --wait downloads outputs")
+    p.add_argument("--wait", action="store_true",
+                   help="poll until done, then download output + log")
+    p.add_argument("--log-lines", type=int, default=40, help="log lines shown for a failed kernel")
+    common_args(p, dry_run=False, poll=True)
+    p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("probe", help="run a tiny kernel that records Kaggle's platform "
                                             "(layout, versions, GPU) for the kit to use")

@@ -1,10 +1,12 @@
 """The fake Kaggle's kernels, run for real: each pushed notebook executed with papermill.
 
 `NotebookRunner` is the fake server's `kernel_runner`: on SaveKernel it mounts the version's
-attached datasets (the files the server received, byte for byte) and attached notebooks'
-outputs (the working folders of their latest runs) under an input root in today's layout, and
-runs the notebook in a thread, the kernel QUEUED, then RUNNING, then COMPLETE with the working
-folder's files as its output, or ERROR with the failing cell's message and a log.
+attached datasets (the files the server received, byte for byte; `owner/slug/N` mounts version
+N) and attached notebooks' outputs (the working folders of their latest runs) under an input
+root in today's layout, and runs the notebook in a thread: that version's session QUEUED, then
+RUNNING, then COMPLETE with the working folder's files as its output, or ERROR with the failing
+cell's message, a log, and what the working folder held (Kaggle keeps a failed session's output
+too: unconfirmed, and either way the kit reads it only for the push nonce).
 """
 from __future__ import annotations
 
@@ -47,13 +49,16 @@ class NotebookRunner:
             thread.join(timeout_s)
 
     def _run(self, kernel, raw: dict, version: int) -> None:
+        session = kernel.sessions[version - 1]  # this push's, whatever is pushed meanwhile
         base = self.root / kernel.ref.replace("/", "__") / f"v{version}"
         inputs, working = base / "input", base / "working"
         working.mkdir(parents=True)
-        for ref in raw.get("datasetDataSources") or []:
-            dataset = self.fake.datasets.get(ref)
+        for source in raw.get("datasetDataSources") or []:
+            owner, slug, *pinned = source.split("/")
+            dataset = self.fake.datasets.get(f"{owner}/{slug}")
             if dataset is not None and dataset.versions:
-                mount_uploaded(dataset.versions[-1], ref, inputs, self.layout, "unpacked")
+                files = dataset.versions[int(pinned[0]) - 1 if pinned else -1]
+                mount_uploaded(files, f"{owner}/{slug}", inputs, self.layout, "unpacked")
         for ref in raw.get("kernelDataSources") or []:
             if ref in self.working:
                 mount_notebook_output(self.working[ref], ref, inputs, self.layout)
@@ -62,7 +67,7 @@ class NotebookRunner:
         parameters = {**injected_parameters(notebook), "input_root": str(inputs),
                       "out_dir": str(working)}
         (base / "parameters.json").write_text(json.dumps(parameters))
-        kernel.statuses = [("RUNNING", "")]
+        session.statuses = [("RUNNING", "")]
         env = {**os.environ, "GUIE_NPROC": "1"}
         env.pop("HTTP_PROXY", None), env.pop("http_proxy", None)
         done = subprocess.run([self.python, "-c", PAPERMILL, str(notebook),
@@ -71,12 +76,12 @@ class NotebookRunner:
                               capture_output=True, text=True, env=env, timeout=1500)
         log = [{"stream_name": "stdout", "time": 1.0, "data": done.stdout},
                {"stream_name": "stderr", "time": 2.0, "data": done.stderr}]
-        kernel.log = json.dumps(log)
+        session.log = json.dumps(log)
         self.working[kernel.ref] = working
+        session.outputs = {path.relative_to(working).as_posix(): path.read_bytes()
+                           for path in sorted(working.rglob("*")) if path.is_file()}
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
-            kernel.statuses = [("ERROR", lines[-1] if lines else "Notebook failed")]
+            session.statuses = [("ERROR", lines[-1] if lines else "Notebook failed")]
             return
-        kernel.outputs = {path.relative_to(working).as_posix(): path.read_bytes()
-                          for path in sorted(working.rglob("*")) if path.is_file()}
-        kernel.statuses = [("COMPLETE", "")]
+        session.statuses = [("COMPLETE", "")]

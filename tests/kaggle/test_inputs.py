@@ -103,12 +103,48 @@ def test_weights_references(tmp_path):
 # ----------------------------------------------------------------------------- machines
 
 
-def test_machine_shapes():
-    assert platform.check_machine_shape("NvidiaTeslaT4") == []
-    assert "sm_60" in platform.check_machine_shape("NvidiaTeslaP100")[0]
-    with pytest.raises(platform.PlatformError, match="--allow-unknown-machine-shape"):
-        platform.check_machine_shape("NvidiaTeslaT4x1")
-    assert platform.check_machine_shape("NvidiaB200", allow_unknown=True)
+# kaggle-cli docs/kernels.md, "Accelerators available as of Feb 2026" (field guide 5a).
+DOCUMENTED = ("NvidiaTeslaP100", "TpuV38", "NvidiaTeslaT4", "NvidiaTeslaT4Highmem", "Tpu1VmV38",
+              "NvidiaTeslaA100", "NvidiaL4", "TpuV5E8", "NvidiaL4X1", "TpuV6E8", "NvidiaH100",
+              "NvidiaRtxPro6000")
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_every_documented_machine_name_is_known_and_only_the_p100_refused(name):
+    if name == "NvidiaTeslaP100":
+        with pytest.raises(platform.PlatformError, match="retired the P100 in September 2026"):
+            platform.check_machine_shape(name)
+        assert name not in platform.MACHINE_SHAPES  # never planned for
+        return
+    shape = platform.MACHINE_SHAPES[name]
+    warnings = platform.check_machine_shape(name)
+    if name == "NvidiaTeslaT4":  # the documented 2xT4, 15 GiB each; PyTorch allocates 14.56
+        assert warnings == [] and (shape.gpus, shape.gpu_memory_gib) == (2, 15.0)
+        assert shape.allocatable_gib == 14.56 and not shape.unconfirmed
+    elif shape.gpus:  # count or memory not documented: said so, and how to find out
+        assert shape.unconfirmed and any("unconfirmed" in w and f"probe --machine-shape {name}"
+                                         in w for w in warnings)
+    else:
+        assert shape.compute_capability is None and any("a TPU" in w for w in warnings)
+    if name != "NvidiaTeslaT4":  # some are for specific competitions or admins only
+        assert any("Kaggle refuses the push" in w for w in warnings)
+
+
+def test_an_unknown_machine_name_is_sent_as_given_with_a_warning():
+    (warning,) = platform.check_machine_shape("NvidiaB200")
+    assert "not a name Kaggle documents" in warning and "Kaggle's answer decides" in warning
+    assert "NvidiaL4X1" in warning  # the names it does document
+
+
+def test_a_probe_record_of_the_shape_gives_its_gpus_and_allocatable_memory(tmp_path):
+    assert platform.machine_shape("NvidiaL4", tmp_path).gpus == 1  # no record: the table's guess
+    record = {"machine_shape": "NvidiaL4", "gpu": {"devices": [
+        {"name": "NVIDIA L4", "memory_gib": 22.03, "allocatable_gib": 22.03}] * 4}}
+    (tmp_path / "platform.json").write_text(json.dumps(record))
+    shape = platform.machine_shape("NvidiaL4", tmp_path)
+    assert (shape.gpus, shape.allocatable_gib, shape.unconfirmed) == (4, 22.03, "")
+    assert platform.machine_shape("NvidiaTeslaT4", tmp_path).allocatable_gib == 14.56  # another
+    assert platform.machine_shape("NvidiaB200", tmp_path) is None
 
 
 def test_gpu_check_stops_with_a_clear_message_when_the_build_lacks_the_arch(monkeypatch):
@@ -138,9 +174,14 @@ def test_gpu_check_on_a_cpu_machine():
 
 
 def test_platform_facts_prefer_the_probe_record(tmp_path):
+    # Kaggle/docker-python moved to 3.12 in December 2025 ("Upgrade to Python 3.12").
     assert platform.platform_facts(tmp_path).python_version == platform.KAGGLE_PYTHON_FALLBACK
+    assert platform.KAGGLE_PYTHON_FALLBACK == "3.12"
+    assert platform.platform_facts(tmp_path).version_label == "v{}"  # kaggle-cli PR 1201
     (tmp_path / "platform.json").write_text(json.dumps({"python": "3.12.7", "layout": "current",
                                                         "packages": {"timm": "1.0.20"}}))
     facts = platform.platform_facts(tmp_path)
     assert (facts.python_version, facts.layout, facts.packages) == ("3.12", "current",
                                                                     {"timm": "1.0.20"})
+    (tmp_path / "platform.json").write_text(json.dumps({"version_label": {"format": "{}"}}))
+    assert platform.platform_facts(tmp_path).version_label == "{}"

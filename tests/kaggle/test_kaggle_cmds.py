@@ -61,9 +61,10 @@ def assert_no_key_sent(fake_kaggle) -> None:
 def test_push_dry_run_sends_nothing(fake_kaggle, workdir, wheelhouse, capsys):
     assert cli("push", "--dry-run", "--workdir", workdir, "--wheels-from", str(wheelhouse),
                SOURCES) == 0
-    assert fake_kaggle.calls == []
+    assert [name for name, _ in fake_kaggle.calls] == ["GetAcceleratorQuotaStatistics"]  # a read
     out = capsys.readouterr().out
     assert "nothing is sent" in out and f"dataset {SRC}" in out and "src/guie/__init__.py" in out
+    assert "GPU quota: not reported by Kaggle; assuming about 30 h" in out  # the estimate, marked
     assert f"kernel {TRAIN}" in out and f"kernel {INFER}" in out and "train.ipynb" in out
     assert '"enable_internet": false' in out and "someone/glr-mini-tfrecords" in out
     assert (Path(workdir) / "kernels" / "guie-infer-smoke" / "kernel-metadata.json").exists()
@@ -103,8 +104,9 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
 
     saved = {body["slug"]: body for body in fake.rpc_calls("SaveKernel")}
     train, infer = saved[TRAIN], saved[INFER]
-    assert train["datasetDataSources"] == [SRC, WHEELS, "someone/glr-mini-tfrecords"]
-    assert infer["datasetDataSources"] == [SRC, WHEELS]
+    # the exact versions this push left current, pinned (owner/slug/N)
+    assert train["datasetDataSources"] == [f"{SRC}/1", f"{WHEELS}/1", "someone/glr-mini-tfrecords"]
+    assert infer["datasetDataSources"] == [f"{SRC}/1", f"{WHEELS}/1"]
     assert infer["competitionDataSources"] == ["google-universal-image-embedding"]
     assert infer["kernelDataSources"] == [TRAIN]
     for body in (train, infer):
@@ -126,8 +128,10 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
     assert "https://www.kaggle.com/code/fake-user/guie-train-smoke" in out
     state = json.loads((Path(workdir) / "state.json").read_text())
     assert state["kernels"]["infer"] == {"ref": INFER, "url": f"https://www.kaggle.com/code/{INFER}",
-                                         "version": 1, "run": params["run"]}
-    assert state["wheels"]["python_version"] == "3.11"  # no probe record: the kit's fallback
+                                         "version": 1, "run": params["run"],
+                                         "nonce": notebook_parameters(infer)["push_nonce"]}
+    assert state["wheels"]["python_version"] == "3.12"  # no probe record: the kit's fallback
+    assert (state["source"]["version"], state["wheels"]["version"]) == (1, 1)
 
 
 def test_push_without_wait_sends_training_only_and_says_what_next(fake_kaggle, workdir, wheelhouse,
@@ -157,14 +161,28 @@ def test_a_new_source_version_is_awaited_by_number_not_by_ready(pushed, workdir,
     assert f"dataset {SRC}: version 2 ready" in capsys.readouterr().out
 
 
-def test_push_refuses_an_unknown_machine_shape_and_warns_for_a_p100(fake_kaggle, workdir, capsys):
-    assert cli("push", "--dry-run", "--workdir", workdir,
-               "--machine-shape", "NvidiaTeslaT4x1") == 2  # a user error
-    assert "not a shape the kit knows" in capsys.readouterr().err
-    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaT4x1",
-               "--allow-unknown-machine-shape") == 0
-    assert cli("push", "--dry-run", "--workdir", workdir, "--machine-shape", "NvidiaTeslaP100") == 0
-    assert "without sm_60 kernels" in capsys.readouterr().out
+def test_push_refuses_only_the_retired_p100_and_shows_kaggles_own_refusal(
+        fake_kaggle, workdir, wheelhouse, capsys):
+    assert cli("push", "--workdir", workdir, "--machine-shape", "NvidiaTeslaP100") == 2
+    assert "retired the P100 in September 2026" in capsys.readouterr().err
+    assert fake_kaggle.calls == []  # refused before anything was sent
+    # a name the kit does not know goes out as given; Kaggle's answer is shown verbatim
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", "--machine-shape", "NvidiaB200") == 2
+    out, err = capsys.readouterr()
+    assert "not a name Kaggle documents" in out
+    assert "HTTP 400: Machine shape 'NvidiaB200' is not available." in err
+    # a documented name this account may not use: the same, Kaggle decides
+    fake_kaggle.machine_shapes.discard("NvidiaRtxPro6000")
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", "--machine-shape", "NvidiaRtxPro6000") == 2
+    out, err = capsys.readouterr()
+    assert "unconfirmed: the GPU count and memory" in out and "Kaggle refuses the push" in out
+    assert "Machine shape 'NvidiaRtxPro6000' is not available." in err
+    assert fake_kaggle.kernels == {}
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", "--machine-shape", "NvidiaL4X1") == 0
+    assert fake_kaggle.rpc_calls("SaveKernel")[-1]["machineShape"] == "NvidiaL4X1"
 
 
 def test_push_dry_run_names_the_weights_and_warns_without_them(fake_kaggle, workdir, capsys):
@@ -182,8 +200,8 @@ def test_push_dry_run_shows_the_plan_of_a_real_recipe(fake_kaggle, workdir, caps
     """third_place on 2xT4 from the shipped ViT-H-14 measurement (no CPU measuring in a dry run)."""
     assert cli("push", "--dry-run", "--workdir", workdir, "--config", "third_place") == 0
     out = capsys.readouterr().out
-    assert "plan for `third_place` on NvidiaTeslaT4" in out
-    assert "stage2: DOES NOT FIT" in out and "weekly GPU quota" in out
+    assert "plan for `third_place` on NvidiaTeslaT4" in out and "weekly GPU quota" in out
+    assert "preflight: " in out  # the gate's verdict, shown rather than enforced
 
 
 def test_second_push_reuses_unchanged_datasets(pushed, workdir, wheelhouse):
@@ -233,9 +251,10 @@ def test_status_wait_downloads_outputs_and_shows_a_failure(pushed, workdir, caps
 
 
 def test_status_without_wait(pushed, workdir, capsys):
+    listings = len(pushed.rpc_calls("ListKernelSessionOutput"))
     assert cli("status", "--workdir", workdir) == 0
-    assert "infer  fake-user/guie-infer-smoke: RUNNING" in capsys.readouterr().out
-    assert pushed.rpc_calls("ListKernelSessionOutput") == []
+    assert "infer  fake-user/guie-infer-smoke version 1: RUNNING" in capsys.readouterr().out
+    assert len(pushed.rpc_calls("ListKernelSessionOutput")) == listings  # nothing downloaded
 
 
 # ----------------------------------------------------------------------------- submit
@@ -328,7 +347,9 @@ def run_command_line(fake, *argv: str) -> subprocess.CompletedProcess:
     """A real subprocess pointed at the fake: KAGGLE_API_ENVIRONMENT=LOCALHOST + HTTP_PROXY."""
     env = {**os.environ, "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "HTTP_PROXY": fake.url,
            "http_proxy": fake.url, "NO_PROXY": "", "no_proxy": ""}
-    result = subprocess.run([sys.executable, "-m", "guie_cli.kaggle_cmds", *argv],
+    module = "guie_cli.kaggle_run" if argv[0] in ("run", "status", "probe") else \
+        "guie_cli.kaggle_cmds"
+    result = subprocess.run([sys.executable, "-m", module, *argv],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -359,44 +380,6 @@ def test_command_line_push_and_leaderboard(fake_kaggle, workdir, wheelhouse):
     assert len(fake_kaggle.rpc_calls("CreateDataset")) == 2
     assert (Path(workdir) / "history.csv").exists()
     assert_no_key_sent(fake_kaggle)
-
-
-# ----------------------------------------------------------------------------- probe
-
-
-PROBE = f"{USERNAME}/guie-probe-platform"
-
-
-def test_probe_records_the_platform_and_push_uses_it(fake_kaggle, workdir, wheelhouse, tmp_path,
-                                                     capsys):
-    from guie.kaggle.probe import record_platform
-
-    assert cli("probe", "--workdir", workdir) == 0
-    body = fake_kaggle.rpc_calls("SaveKernel")[0]
-    assert body["slug"] == PROBE and not body.get("datasetDataSources")
-    assert body["enableInternet"] is False
-    assert "def record_platform(" in body["text"]  # the probe's body travels inlined
-    # Kaggle's answer, recorded: this machine's real record, as if Kaggle ran Python 3.12
-    (tmp_path / "input" / "datasets").mkdir(parents=True)
-    record = record_platform(str(tmp_path), str(tmp_path / "input"))
-    assert record["layout"] == "current" and record["packages"]["torch"]
-    record["python"] = "3.12.4"
-    record["packages"]["timm"] = "1.0.9"  # older than open_clip 3.3.0 needs
-    fake_kaggle.add_kernel_run(PROBE, [("COMPLETE", "")],
-                               {"guie-platform.json": json.dumps(record).encode()}, "")
-    assert cli("status", "--wait", "--workdir", workdir, "--poll-s", "0") == 0
-    assert "push uses it from now on" in capsys.readouterr().out
-    assert json.loads((Path(workdir) / "platform.json").read_text())["python"] == "3.12.4"
-    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
-               "--kernels", "train", SOURCES) == 0
-    out = capsys.readouterr().out
-    assert "platform: Python 3.12, current mount layout" in out
-    assert ("open_clip_torch will lack what it needs: "
-            "timm 1.0.9 is installed, but timm>=1.0.17") in out
-    state = json.loads((Path(workdir) / "state.json").read_text())
-    assert state["wheels"]["python_version"] == "3.12" and state["probe"]["ref"] == PROBE
-    marker = fake_kaggle.received_files()["guie-wheels.json"]
-    assert json.loads(marker)["python_version"] == "3.12"
 
 
 def test_submit_refuses_an_unknown_kernel_version(pushed, workdir, capsys):

@@ -9,6 +9,10 @@ silently). Without a label a read describes whichever session the server calls l
 says which label format the server understands ("v": `v<N>`, "number": `N`, "ignore": labels
 ignored, as if the service dropped them). The accelerator quota (GetAcceleratorQuotaStatistics)
 is charged `session_charge_s` per pushed GPU session.
+
+Without a `kernel_runner`, a new session does what every kit kernel does first: its output holds
+`guie-push.json` with the `push_nonce` of the notebook's injected parameters (kept when a test
+sets the session's outputs); `next_statuses` sets what the next pushed session answers.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 from support.fake_errors import ApiError, iso
 
 COMPETITION = "google-universal-image-embedding"
+PUSH_MARKER = "guie-push.json"  # guie.kaggle.inputs.PUSH_MARKER
 # kaggle-cli docs/kernels.md, "Accelerators available as of Feb 2026" (field guide 5a), less the
 # P100 that Kaggle retired in September 2026.
 ACCEPTED_MACHINE_SHAPES = frozenset({
@@ -93,6 +98,7 @@ class KernelRpcs:
         self.version_labels = "v"  # "v", "number" or "ignore" (see the module docstring)
         self.machine_shapes = set(ACCEPTED_MACHINE_SHAPES)
         self.slug_renames: dict[str, str] = {}  # SaveKernel stores (and answers) another slug
+        self.next_statuses: list[tuple[str, str]] | None = None  # the next pushed session's
         # GetAcceleratorQuotaStatistics; None: the RPC answers 404 (an older service).
         self.quota: dict | None = None
         self.session_charge_s = 0.0
@@ -113,7 +119,8 @@ class KernelRpcs:
         while version is not None and len(kernel.sessions) < version:
             kernel.sessions.append(Session())
         session = kernel.sessions[version - 1] if version else kernel.latest
-        session.statuses, session.outputs, session.log = list(statuses), dict(outputs), log
+        marker = {k: v for k, v in session.outputs.items() if k == PUSH_MARKER}
+        session.statuses, session.outputs, session.log = list(statuses), {**marker, **outputs}, log
 
     def add_submission(self, description: str, status: str = "COMPLETE", public: str = "",
                        private: str = "", date: datetime | None = None) -> None:
@@ -144,7 +151,9 @@ class KernelRpcs:
         kernel = self.kernels.setdefault(slug, Kernel(slug))
         kernel.versions.append(raw)
         kernel.stale_reads = self.stale_reads_after_push if kernel.sessions else 0
-        kernel.sessions.append(Session())
+        kernel.sessions.append(Session(outputs=_push_marker(req.text)))
+        if self.next_statuses is not None:
+            kernel.sessions[-1].statuses, self.next_statuses = list(self.next_statuses), None
         if self.quota is not None and (raw.get("enableGpu") or shape):
             self.quota["used_s"] += self.session_charge_s
         if self.kernel_runner is not None:  # really run it (tests/kaggle/kernel_runner.py)
@@ -287,6 +296,20 @@ class KernelRpcs:
         with zipfile.ZipFile(buffer, "w") as z:
             z.writestr(f"{COMPETITION}-publicleaderboard.csv", "\n".join(lines) + "\n")
         return buffer.getvalue()
+
+
+def _push_marker(notebook_text: str) -> dict[str, bytes]:
+    """{guie-push.json: the nonce} from the notebook's injected parameters, as its first cell
+    writes it (nothing for a notebook without one)."""
+    notebook = json.loads(notebook_text)
+    for cell in notebook.get("cells", []):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            namespace: dict = {}
+            source = cell["source"]
+            exec("".join(source) if isinstance(source, list) else source, namespace)
+            if "push_nonce" in namespace:
+                return {PUSH_MARKER: json.dumps({"push_nonce": namespace["push_nonce"]}).encode()}
+    return {}
 
 
 def default_leaderboard(n: int = 5) -> list[dict]:

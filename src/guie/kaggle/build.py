@@ -66,15 +66,17 @@ def upload_datasets(client, build: KernelBuild, owner: str, secrets: Sequence[st
                     download: Callable[[Sequence[str], Path, str], None] = packaging.pip_download,
                     log: Callable[[str], None] = print) -> dict:
     """Upload the source and wheels datasets where they changed since `state` (the record of
-    the last push); the record of what is on Kaggle now."""
+    the last push); the record of what is on Kaggle now, with each dataset's version number
+    (the kernels attach exactly that version: `pin_dataset_sources`)."""
     source = build.source
     pushed = state.get("source", {})
     if pushed.get("ref") == source.ref and pushed.get("hash") == source.content_hash \
             and client.dataset_status(source.ref) == "ready":
         log(f"dataset {source.ref}: unchanged (hash {source.content_hash[:12]}), not re-uploaded")
+        source_version = pushed.get("version") or client.dataset_version(source.ref)
     else:
-        push_dataset_and_wait(client, source.folder, f"{source.content_hash[:12]} {notes}", "zip",
-                              poll_s, log)
+        source_version = push_dataset_and_wait(
+            client, source.folder, f"{source.content_hash[:12]} {notes}", "zip", poll_s, log)
     requirements = list(packaging.WHEEL_REQUIREMENTS)
     wheels = {"ref": build.wheels_ref, "requirements": requirements,
               "python_version": python_version}
@@ -83,6 +85,33 @@ def upload_datasets(client, build: KernelBuild, owner: str, secrets: Sequence[st
         folder = build.source.folder.parent / build.wheels_ref.split("/")[1]
         packed = packaging.build_wheels_dataset(folder, WHEELS_TEMPLATE, owner, secrets,
                                                 python_version, download=download)
-        push_dataset_and_wait(client, packed.folder, f"{' '.join(requirements)} py{python_version}",
-                              "skip", poll_s, log)
-    return {"source": {"ref": source.ref, "hash": source.content_hash}, "wheels": wheels}
+        wheels_version = push_dataset_and_wait(
+            client, packed.folder, f"{' '.join(requirements)} py{python_version}", "skip", poll_s,
+            log)
+    else:
+        wheels_version = (state.get("wheels", {}).get("version")
+                          or client.dataset_version(build.wheels_ref))
+    return {"source": {"ref": source.ref, "hash": source.content_hash, "version": source_version},
+            "wheels": {**wheels, "version": wheels_version}}
+
+
+def pinned_versions(datasets: dict) -> dict[str, int]:
+    """owner/slug -> version of the datasets `upload_datasets` recorded."""
+    return {d["ref"]: int(d["version"]) for d in datasets.values()
+            if isinstance(d, dict) and d.get("ref") and d.get("version")}
+
+
+def pin_dataset_sources(folder: Path, versions: dict[str, int]) -> list[str]:
+    """Attach the datasets in `versions` at exactly that version (`owner/slug/N`, which kaggle
+    2.2.4 accepts) in folder/kernel-metadata.json; the dataset sources as pushed.
+
+    Waiting for a new version to read ready is not enough: a kernel can still mount the previous
+    one and fail its hash check late. Whether Kaggle honours `/N`, and where a pinned version
+    mounts, is unconfirmed; the kernels find their inputs by marker in any layout, and the
+    source's hash check stays the last guard."""
+    path = Path(folder) / "kernel-metadata.json"
+    meta = json.loads(path.read_text())
+    meta["dataset_sources"] = [f"{s}/{versions[s]}" if s in versions else s
+                               for s in meta["dataset_sources"]]
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta["dataset_sources"]

@@ -8,6 +8,12 @@ previous one's output; then the inference kernel on the last training output, ch
 the score. Every push is recorded in `<workdir>/run-<config>.json` before anything waits on it,
 so a stopped command, started again, waits on the pending kernel instead of pushing another.
 A kernel that ends in ERROR stops the chain with its message and log tail: never a blind retry.
+
+Every status and output read names the version the push returned, and the output must carry
+this push's nonce (`guie.kaggle.sessions`): right after a re-push Kaggle can still describe the
+previous session. Before each push the chain reads the GPU quota Kaggle reports and stops
+(status "quota") before a session the remaining quota cannot finish, counting a session from its
+push to its end (`guie.kaggle.preflight`); `max_quota_hours` caps what this chain spends on top.
 """
 from __future__ import annotations
 
@@ -17,9 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from guie.kaggle.build import build_kernels, upload_datasets
+from guie.kaggle import preflight
+from guie.kaggle.build import build_kernels, pin_dataset_sources, pinned_versions, upload_datasets
 from guie.kaggle.inputs import RUN_MARKER
 from guie.kaggle.notebooks import EXPORT_MARKER, run_identity
+from guie.kaggle.sessions import STALE_GRACE_S, wait_for_push
 
 Until = Literal["trained", "exported", "submitted"]
 UNTIL = ("trained", "exported", "submitted")
@@ -40,10 +48,11 @@ class ChainSettings:
     python_version: str
     until: Until = "submitted"
     max_hours: float = 11.0  # per training session
-    max_quota_hours: float = 30.0  # GPU hours this chain may spend (Kaggle's weekly quota)
+    max_quota_hours: float | None = None  # GPU hours this chain may spend (None: no own cap)
     machine_shape: str = "NvidiaTeslaT4"
     daily_cap: int = 5
     poll_s: float = 15.0
+    stale_grace_s: float = STALE_GRACE_S  # see guie.kaggle.sessions
     plan_options: dict = field(default_factory=dict)  # more plan_kernels options (compat, ...)
 
 
@@ -76,10 +85,10 @@ class ChainState:
         return sum(s.get("hours") or 0.0 for s in self.sessions)
 
 
-def _hours(run: dict) -> float:
+def _hours(run: dict, start: str = "session_started_at", end: str = "session_ended_at") -> float:
     try:
-        started = datetime.fromisoformat(run["session_started_at"])
-        ended = datetime.fromisoformat(run["session_ended_at"])
+        started = datetime.fromisoformat(run[start])
+        ended = datetime.fromisoformat(run[end])
     except (KeyError, TypeError, ValueError):
         return 0.0
     return max((ended - started).total_seconds() / 3600, 0.0)
@@ -87,9 +96,13 @@ def _hours(run: dict) -> float:
 
 def describe(settings: ChainSettings, num_stages: int) -> list[str]:
     """The chain `run --dry-run` shows: what it would push, in order, with its limits."""
+    cap = (f" or pass the chain's own cap of {settings.max_quota_hours:g} h"
+           if settings.max_quota_hours is not None else "")
     lines = [f"1. training sessions of up to {settings.max_hours:g} h each ({num_stages} stages), "
              "each resuming from the previous session's output, until the stages are done; "
-             f"stops before the GPU hours spent would pass {settings.max_quota_hours:g} h"]
+             f"stops before a session (counted from push to end, up to "
+             f"{preflight.session_bound_h(settings.max_hours):.2f} h) that the GPU quota left "
+             f"cannot finish{cap}"]
     if settings.until in ("exported", "submitted"):
         lines.append("2. the inference kernel on the last training output; its submission.zip "
                      "must come from this run")
@@ -117,9 +130,12 @@ class Chain:
         self._source = build.source  # packed once: every session runs what the chain uploaded
         return build
 
-    def _push(self, kind: str, folder: Path, **record) -> dict:
+    def _push(self, kind: str, build, **record) -> dict:
+        folder = build.folders[kind]
+        pin_dataset_sources(folder, pinned_versions(self.state.data.get("datasets", {})))
         result = self.client.push_kernel(folder)
         entry = {"kind": kind, "ref": result.ref, "version": result.version,
+                 "nonce": build.plans[kind].parameters["push_nonce"],
                  "pushed_at": _now(), "outcome": None, **record}
         self.state.sessions.append(entry)
         self.state.save()  # before waiting: a restarted chain waits on it, never pushes again
@@ -148,12 +164,21 @@ class Chain:
     # -- waiting ---------------------------------------------------------------------------------
 
     def _wait(self, entry: dict) -> None:
-        status = self.client.wait_kernel(entry["ref"], poll_s=self.s.poll_s)
         dest = (Path(self.s.workdir) / "outputs"
                 / f"{entry['ref'].split('/')[1]}-v{entry['version']}")
         wanted = [RUN_MARKER] if entry["kind"] == "train" else [EXPORT_MARKER, "submission.zip"]
-        output = self.client.download_kernel_output(entry["ref"], dest, only=wanted)
+        session = wait_for_push(self.client, entry["ref"], entry["version"], entry.get("nonce"),
+                                dest, wanted, self.s.poll_s, self.s.stale_grace_s, self.log)
+        status, output = session.status, session.output
         entry["state"], entry["finished_at"] = status.state, _now()
+        entry["hours"] = _hours(entry, "pushed_at", "finished_at")  # as Kaggle charges it
+        if status.state == "COMPLETE" and not session.ours:
+            entry["outcome"] = "stale"
+            self.state.save()
+            raise ChainStopped(f"kernel {entry['ref']} version {entry['version']}: still reads "
+                               f"the output of another push (nonce {session.found_nonce}, "
+                               f"expected {entry['nonce']}) after {self.s.stale_grace_s:.0f} s; "
+                               "check the kernel's page, then run again")
         if status.state != "COMPLETE":
             entry["outcome"] = "error"
             self.state.save()
@@ -170,10 +195,10 @@ class Chain:
                                f"{found.get('run_id', 'none')}, "
                                f"not {self.state.data['run']['run_id']}")
         if entry["kind"] == "train":
-            entry["outcome"], entry["hours"] = found["status"], _hours(found)
+            entry["outcome"], entry["notebook_hours"] = found["status"], _hours(found)
             entry["paused_in"] = found.get("paused_in")
         else:
-            entry["outcome"], entry["hours"] = "done", None
+            entry["outcome"] = "done"
             entry["submission_zip"] = str(dest / "submission.zip")
         self.state.save()
         self._progress(entry)
@@ -189,8 +214,8 @@ class Chain:
             rate = self.state.hours_spent / done
             left = f"; about {rate * (len(names) - done):.2f} h left (rough: stages done so far)"
         self.log(f"{entry['kind']} session {len(trains) if entry['kind'] == 'train' else 1}: "
-                 f"{where}; {len(trains)} training sessions, {self.state.hours_spent:.3f} of "
-                 f"{self.s.max_quota_hours:g} GPU hours spent{left}")
+                 f"{where}; {len(trains)} training sessions, {self.state.hours_spent:.3f} GPU "
+                 f"hours spent (from push to end){left}")
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -205,39 +230,57 @@ class Chain:
                 self.log(f"waiting on {entry['kind']} kernel {entry['ref']} version "
                          f"{entry['version']}, pushed at {entry['pushed_at']}")
                 self._wait(entry)
-            elif entry["outcome"] in ("error", "foreign"):
-                what = "failed" if entry["outcome"] == "error" else "wrote another run's output"
+            elif entry["outcome"] in ("error", "foreign", "stale"):
+                what = {"error": "failed", "foreign": "wrote another run's output",
+                        "stale": "never showed this push's output"}[entry["outcome"]]
                 raise ChainStopped(f"kernel {entry['ref']} version {entry['version']} {what} "
                                    "before; fix the cause and move the state file away to retry")
         while True:
             trains = self.state.of_kind("train")
             if not trains or trains[-1]["outcome"] == "paused":
-                # The next session is expected to take what the earlier ones took (their mean),
-                # or the session budget before any has run.
-                measured = [t["hours"] for t in trains if t.get("hours")]
-                expected = sum(measured) / len(measured) if measured else self.s.max_hours
-                if self.state.hours_spent + expected > self.s.max_quota_hours:
-                    self.log(f"stopped before session {len(trains) + 1}: "
-                             f"{self.state.hours_spent:.3f} GPU hours spent and about "
-                             f"{expected:.3f} more expected would pass the budget of "
-                             f"{self.s.max_quota_hours:g}; run again with a larger "
-                             "--max-quota-hours to go on")
+                if self._over_quota(f"session {len(trains) + 1}", self._train_bound()):
                     return {"status": "quota", **self.state.data}
                 previous = trains[-1]["ref"] if trains else None
                 build = self._build(["train"], session=len(trains) + 1, resume_kernel=previous)
-                self._wait(self._push("train", build.folders["train"], session=len(trains) + 1))
+                self._wait(self._push("train", build, session=len(trains) + 1))
                 continue
             if self.s.until == "trained":
                 return {"status": "trained", **self.state.data}
             infers = self.state.of_kind("infer")
             if not infers:
+                if self._over_quota("the inference session", preflight.INFER_SESSION_H
+                                    + preflight.SETUP_ALLOWANCE_H):
+                    return {"status": "quota", **self.state.data}
                 build = self._build(["infer"], checkpoint_kernel=trains[-1]["ref"],
                                     expected_run=self.state.data["run"])
-                self._wait(self._push("infer", build.folders["infer"]))
+                self._wait(self._push("infer", build))
                 continue
             if self.s.until == "exported":
                 return {"status": "exported", **self.state.data}
             return self._submit(infers[-1])
+
+    def _train_bound(self) -> float:
+        """The most the next training session can cost, from push to end: its budget plus the
+        set-up time earlier sessions spent before their notebooks' clocks started."""
+        setup = [t["hours"] - t.get("notebook_hours", 0.0) for t in self.state.of_kind("train")
+                 if t.get("hours")]
+        return preflight.session_bound_h(self.s.max_hours, setup)
+
+    def _over_quota(self, what: str, bound_h: float) -> bool:
+        """Whether `what` must not start: the quota Kaggle reports (read now) cannot finish it,
+        or it would pass the chain's own cap."""
+        quota = self.client.quota()
+        for line in preflight.quota_lines(quota):
+            self.log(line)
+        refusal = preflight.quota_refusal(quota, bound_h, what)
+        cap = self.s.max_quota_hours
+        if not refusal and cap is not None and self.state.hours_spent + bound_h > cap:
+            refusal = (f"{self.state.hours_spent:.3f} GPU hours spent and up to {bound_h:.3f} "
+                       f"more for {what} would pass the chain's cap of {cap:g} "
+                       "(--max-quota-hours)")
+        if refusal:
+            self.log(f"stopped before {what}: {refusal}; run again to go on")
+        return bool(refusal)
 
     def _finished(self) -> str | None:
         """"submitted", "exported" or "trained" where the chain has reached `until` before."""

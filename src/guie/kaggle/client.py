@@ -18,7 +18,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 import requests
 
@@ -26,10 +26,11 @@ from guie.kaggle.credentials import (
     CREATE_TOKEN, Credentials, find_credentials, import_kaggle_api, kaggle_config_dir,
     where_credentials_are_read)
 from guie.kaggle.dataset_host import DatasetHostCalls
+from guie.kaggle.kernel_calls import KernelCalls
 from guie.kaggle.results import (
-    AuthError, ConflictError, DailyCapReached, DatasetPush, KaggleError, KernelOutput, KernelPush,
-    KernelStatus, LeaderboardEntry, NotFoundError, RetryPolicy, Submission, SubmissionReceipt,
-    SubmissionRejected, http_status, is_transient, parse_score, render_log, retry_after_s)
+    AuthError, ConflictError, DailyCapReached, DatasetPush, KaggleError, LeaderboardEntry,
+    NotFoundError, RetryPolicy, Submission, SubmissionReceipt, SubmissionRejected, http_status,
+    is_transient, parse_score, retry_after_s)
 
 COMPETITION = "google-universal-image-embedding"
 T = TypeVar("T")
@@ -38,7 +39,7 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- the client
 
 
-class KaggleClient(DatasetHostCalls):
+class KaggleClient(DatasetHostCalls, KernelCalls):
     def __init__(self, api: Any, credentials: Credentials, competition: str = COMPETITION,
                  retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep):
         self.api = api
@@ -74,6 +75,11 @@ class KaggleClient(DatasetHostCalls):
     # -- error handling ---------------------------------------------------------------------
 
     def _fail(self, error: BaseException, what: str) -> KaggleError:
+        failure = self._failure(error, what)
+        failure.http_status = http_status(error)
+        return failure
+
+    def _failure(self, error: BaseException, what: str) -> KaggleError:
         status = http_status(error)
         detail = str(error) or type(error).__name__
         if status == 401:
@@ -195,85 +201,6 @@ class KaggleClient(DatasetHostCalls):
                                   f"(status {status})")
             self._sleep(poll_s)
 
-    # -- kernels ------------------------------------------------------------------------------
-
-    def push_kernel(self, folder: Path) -> KernelPush:
-        """SaveKernel from folder/kernel-metadata.json (each push starts a new run)."""
-        ref = json.loads((Path(folder) / "kernel-metadata.json").read_text())["id"]
-        answer = self._write(f"push kernel {ref}", lambda: self.api.kernels_push(str(folder)))
-        invalid = {name: getattr(answer, f"invalid_{name}_sources") for name in
-                   ("dataset", "competition", "kernel", "model")}
-        problems = [f"unknown {name} sources {items}" for name, items in invalid.items() if items]
-        if answer.error or problems:
-            raise KaggleError(f"push kernel {ref}: "
-                              f"{'; '.join(filter(None, [answer.error, *problems]))}")
-        url = answer.url or f"https://www.kaggle.com/code/{ref}"
-        return KernelPush(ref, url, answer.version_number)
-
-    def kernel_status(self, ref: str) -> KernelStatus:
-        answer = self.read(f"kernel status {ref}", lambda: self.api.kernels_status(ref))
-        return KernelStatus(ref, answer.status.name, answer.failure_message or "")
-
-    def wait_kernel(self, ref: str, timeout_s: float = 13 * 3600, poll_s: float = 15,
-                    max_poll_s: float = 300,
-                    on_poll: Callable[[KernelStatus], None] | None = None) -> KernelStatus:
-        """Poll with growing intervals until the kernel's run finishes."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self.kernel_status(ref)
-            if on_poll is not None:
-                on_poll(status)
-            if status.done:
-                return status
-            if time.monotonic() > deadline:
-                raise KaggleError(f"kernel {ref}: still {status.state} after {timeout_s:.0f} s")
-            self._sleep(poll_s)
-            poll_s = min(poll_s * 1.5, max_poll_s)
-
-    def _output_pages(self, ref: str):
-        """ListKernelSessionOutput, page by page (each answer has files and the log)."""
-        from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
-
-        owner, slug = ref.split("/")[:2]
-        token = ""
-        while True:
-            request = ApiListKernelSessionOutputRequest()
-            request.user_name, request.kernel_slug, request.page_size = owner, slug, 100
-            request.page_token = token or None
-            answer = self.read(
-                f"list output of kernel {ref}", lambda request=request: self._sdk_call(
-                    lambda k: k.kernels.kernels_api_client.list_kernel_session_output(request)))
-            yield answer
-            token = answer.next_page_token
-            if not token:
-                return
-
-    def download_kernel_output(self, ref: str, dest: Path,
-                               only: Sequence[str] | None = None) -> KernelOutput:
-        """GET every file url of the kernel's output (or those named in `only`: a training
-        output's checkpoints are gigabytes); writes the log as <slug>.log.
-
-        Done here rather than with `kernels_output`, which writes an error page to disk as if it
-        were the file when a url answers 4xx/5xx.
-        """
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        files, log_raw = [], ""
-        for answer in self._output_pages(ref):
-            log_raw = log_raw or (answer.log or "")
-            for item in answer.files or []:
-                if only is None or item.file_name in only:
-                    files.append(self._download(item.url, dest, item.file_name, f"output of {ref}"))
-        log_path = None
-        if log_raw:
-            log_path = dest / f"{ref.split('/')[1]}.log"
-            log_path.write_text(log_raw)
-        return KernelOutput(tuple(files), log_path, render_log(log_raw))
-
-    def kernel_output_names(self, ref: str) -> list[str]:
-        """The file names of the kernel's latest output (nothing downloaded)."""
-        return [item.file_name for answer in self._output_pages(ref) for item in answer.files or []]
-
     def _sdk_call(self, fn: Callable[[Any], T]) -> T:
         with self.api.build_kaggle_client() as kaggle:
             return fn(kaggle)
@@ -359,6 +286,31 @@ class KaggleClient(DatasetHostCalls):
             raise SubmissionRejected(f"{what}: rejected by Kaggle: "
                                      f"{answer.message or 'no reason given'}")
         return SubmissionReceipt(answer.ref, answer.message or "", remaining - 1)
+
+    def competition_facts(self) -> dict:
+        """What Kaggle says of the competition now: its deadline, whether it has passed (a late
+        submission is scored but not ranked), the daily cap, and today's submission limits."""
+        from kagglesdk.competitions.types.competition_api_service import ApiGetCompetitionRequest
+
+        request = ApiGetCompetitionRequest()
+        request.competition_name = self.competition
+        info = self.read(f"competition {self.competition}", lambda: self._sdk_call(
+            lambda k: k.competitions.competition_api_client.get_competition(request)))
+        deadline = info.deadline.replace(tzinfo=timezone.utc) if info.deadline else None
+        facts = {"competition": self.competition,
+                 "deadline": deadline.isoformat() if deadline else None,
+                 "late": bool(deadline and deadline < datetime.now(timezone.utc)),
+                 "max_daily_submissions": info.max_daily_submissions,
+                 "submissions_disabled": info.submissions_disabled,
+                 "kernels_only": info.is_kernels_submissions_only}
+        try:
+            limits = self.read("submission limits", lambda: (
+                self.api.competition_get_submission_limits(self.competition)))
+            facts["limits"] = {"today": limits.num_today, "total": limits.num_total,
+                               "allowed_now": limits.num_allowed_now}
+        except NotFoundError:
+            facts["limits"] = None  # older services have no GetSubmissionLimits
+        return facts
 
     def leaderboard(self, top: int = 20) -> list[LeaderboardEntry]:
         def view() -> list:

@@ -15,6 +15,7 @@ the notebook builder) before `guie` itself is importable, to find the source dat
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ CURRENT_FOLDERS = {"dataset": "datasets", "competition": "competitions", "notebo
 SOURCE_MARKER = "guie-source.json"  # the source dataset's root: {"hash": ...}
 WHEELS_MARKER = "guie-wheels.json"  # the wheels dataset's root: {"requirements": [...]}
 RUN_MARKER = "guie-run.json"  # a training kernel's output: which run it holds
+PUSH_MARKER = "guie-push.json"  # every kernel's output: the nonce of the push it ran
 WEIGHTS_PREFIX = "kaggle:"  # model.pretrained_path = "kaggle:OWNER/SLUG/FILE"
 SEARCH_DEPTH = 4  # /kaggle/input/datasets/<owner>/<slug> is 3 deep; one more for wrappers
 LISTED_ENTRIES = 60  # how much of the input root an error message lists
@@ -135,6 +137,14 @@ def resolve_input(reference: str | InputRef, input_root: str | os.PathLike = KAG
         f"{SEARCH_DEPTH} levels deep. {root} holds:\n{describe_input_root(root)}\n"
         f"Attach {ref.ref} to the kernel (kernel-metadata.json) or push it again with "
         "`submit.py push`.")
+
+
+def record_push(out_dir: str | os.PathLike, push_nonce: str) -> None:
+    """A kernel's first act: write the nonce of the push it runs into its output, so that a read
+    of "the latest session" that still shows the previous push is told apart (Kaggle can answer
+    the first reads after a re-push with the previous session: kaggle-cli PRs 1177, 1201)."""
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, PUSH_MARKER).write_text(json.dumps({"push_nonce": push_nonce}) + "\n")
 
 
 def parse_weights_ref(value: str) -> tuple[InputRef, str]:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import secrets
 import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from guie.kaggle.inputs import (KAGGLE_INPUT, RUN_MARKER, WEIGHTS_PREFIX, InputRef, is_kaggle_ref,
-                                parse_weights_ref, resolve_input, resolve_kaggle_path)
+from guie.kaggle.inputs import (KAGGLE_INPUT, PUSH_MARKER, RUN_MARKER, WEIGHTS_PREFIX, InputRef,
+                                is_kaggle_ref, parse_weights_ref, resolve_input,
+                                resolve_kaggle_path)
 from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE
 
 COMPETITION = "google-universal-image-embedding"
@@ -125,26 +127,29 @@ def run_identity(config_name: str, overrides: Sequence[str], source_hash: str) -
     return {"run_id": digest, **body}
 
 
-def record_run(out_dir: str, run: dict, status: str, report: dict | None = None) -> Path:
+def record_run(out_dir: str, run: dict, status: str, report: dict | None = None,
+               push_nonce: str = "") -> Path:
     """The training output's marker: which run it holds, whether it finished ("done") or paused
-    at max_hours ("paused"), when this session started and ended, and where it paused."""
+    at max_hours ("paused"), when this session started and ended, where it paused, and the nonce
+    of the push this session ran."""
     path = Path(out_dir) / RUN_MARKER
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     previous = json.loads(path.read_text()) if path.is_file() else {}
     started = previous.get("session_started_at") if previous.get("status") == "running" else None
     summary = {k: v for k, v in (report or {}).items()
                if k == "paused_in" or (k.startswith("map5_") and "per_domain" not in k)}
-    body = {**run, "status": status, "session_started_at": started or now,
+    body = {**run, "status": status, "push_nonce": push_nonce,
+            "session_started_at": started or now,
             **({"session_ended_at": now} if status != "running" else {}), **summary}
     path.write_text(json.dumps(body, indent=2) + "\n")
     return path
 
 
-def record_export(out_dir: str, run: dict) -> Path:
-    """Beside submission.zip: the training run it was exported from."""
+def record_export(out_dir: str, run: dict, push_nonce: str = "") -> Path:
+    """Beside submission.zip: the training run it was exported from, and this push's nonce."""
     path = Path(out_dir) / EXPORT_MARKER
-    path.write_text(json.dumps({"run_id": run.get("run_id"), "config_name": run.get("config_name")},
-                               indent=2) + "\n")
+    path.write_text(json.dumps({"run_id": run.get("run_id"), "config_name": run.get("config_name"),
+                                "push_nonce": push_nonce}, indent=2) + "\n")
     return path
 
 
@@ -175,7 +180,9 @@ def prepare_resume(resume_input: str, out_dir: str, input_root: str = KAGGLE_INP
     if not resume_input:
         return False
     source = resolve_input(resume_input, input_root, marker=RUN_MARKER)
-    shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    # Not the previous session's push marker: this session wrote its own first.
+    shutil.copytree(source, out_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(PUSH_MARKER))
     return True
 
 
@@ -218,11 +225,23 @@ def check_kernel_metadata(meta: dict) -> None:
     if len(meta["title"]) < 5 or slugify_title(meta["title"]) != slug:
         problems.append(f"title {meta['title']!r} must be >= 5 characters and slugify to {slug!r}")
     for key in ("dataset_sources", "kernel_sources"):
-        bad = [s for s in meta[key] if len(s.split("/")) != 2 or not all(s.split("/"))]
+        bad = [s for s in meta[key] if not is_source_ref(s)]
         if bad:
-            problems.append(f"{key}: {bad} are not owner/slug")
+            problems.append(f"{key}: {bad} are not owner/slug or owner/slug/VERSION")
     if problems:
         raise NotebookError(f"kernel-metadata for {meta['id']}: " + "; ".join(problems))
+
+
+def is_source_ref(text: str) -> bool:
+    """owner/slug, or owner/slug/N pinning version N (kaggle 2.2.4 accepts both)."""
+    parts = text.split("/")
+    return (len(parts) in (2, 3) and all(parts)
+            and (len(parts) == 2 or (parts[2].isdigit() and int(parts[2]) > 0)))
+
+
+def new_push_nonce() -> str:
+    """A fresh id for one push, carried in the notebook's parameters and echoed in its output."""
+    return secrets.token_hex(8)
 
 
 def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: str, *,
@@ -231,8 +250,8 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
                  resume_kernel: str | None = None, extra_datasets: Sequence[str] = (),
                  machine_shape: str = DEFAULT_MACHINE_SHAPE, private: bool = True,
                  train_internet: bool = False, expected_run: dict | None = None,
-                 session: int = 1, checkpoint_kernel: str | None = None
-                 ) -> dict[Kind, KernelPlan]:
+                 session: int = 1, checkpoint_kernel: str | None = None,
+                 push_nonce: str | None = None) -> dict[Kind, KernelPlan]:
     """Parameters and metadata of both kernels for one experiment.
 
     Every input travels as a reference the kernel resolves (`guie.kaggle.inputs`); data sources
@@ -253,7 +272,7 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
         "config_name": config_name, "overrides": list(overrides), "source_hash": source_hash,
         "input_root": KAGGLE_INPUT, "source_input": f"dataset:{source_ref}",
         "wheels_input": f"dataset:{wheels_ref}", "data_root": data_root,
-        "out_dir": KAGGLE_WORKING,
+        "out_dir": KAGGLE_WORKING, "push_nonce": push_nonce or new_push_nonce(),
     }
     resume_input = f"notebook:{resume_kernel}" if resume_kernel else ""
     train_params = {**common, "run": run, "resume_input": resume_input,
@@ -278,13 +297,17 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
             "infer": KernelPlan("infer", refs["infer"], infer_params, infer_meta)}
 
 
-def plan_probe(owner: str, machine_shape: str = DEFAULT_MACHINE_SHAPE) -> KernelPlan:
-    """The probe kernel: no inputs attached, GPU on, internet off, as the real kernels run."""
+def plan_probe(owner: str, machine_shape: str | None = DEFAULT_MACHINE_SHAPE) -> KernelPlan:
+    """The probe kernel: no inputs attached, internet off, as the real kernels run; GPU on the
+    machine shape given, or a CPU session (no GPU quota) when it is None."""
     ref = f"{owner}/{slugify_title(kernel_title('probe', 'platform'))}"
-    meta = kernel_metadata(ref, kernel_title("probe", "platform"), "probe.ipynb", enable_gpu=True,
-                           enable_internet=False, dataset_sources=[],
-                           machine_shape=machine_shape)
-    return KernelPlan("probe", ref, {"input_root": KAGGLE_INPUT, "out_dir": KAGGLE_WORKING}, meta)
+    meta = kernel_metadata(ref, kernel_title("probe", "platform"), "probe.ipynb",
+                           enable_gpu=machine_shape is not None, enable_internet=False,
+                           dataset_sources=[], machine_shape=machine_shape)
+    if machine_shape is None:
+        del meta["machine_shape"]  # not sent: Kaggle's default CPU session
+    return KernelPlan("probe", ref, {"input_root": KAGGLE_INPUT, "out_dir": KAGGLE_WORKING,
+                                     "push_nonce": new_push_nonce()}, meta)
 
 
 # ----------------------------------------------------------------------------- building
