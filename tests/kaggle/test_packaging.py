@@ -132,6 +132,20 @@ def test_repository_dataset_metadata_is_valid():
         assert meta["id"].startswith("alice/") and 20 <= len(meta["subtitle"]) <= 80
 
 
+def test_wheels_description_names_exactly_the_wheels_it_holds():
+    """The wheels dataset's page says what it holds: each pinned wheel, and nothing it does not
+    hold among the wheels (wcwidth comes with Kaggle's image)."""
+    import re
+
+    meta = json.loads((REPO / "datasets-metadata" / "guie-wheels" / "dataset-metadata.json")
+                      .read_text())
+    held = re.search(r"Pure-Python wheels \(([^)]*)\)", meta["description"]).group(1)
+    assert held.split(", ") == [r.replace("==", " ") for r in packaging.WHEEL_REQUIREMENTS]
+    licensed = re.search(r"upstream license \(([^)]*)\)", meta["description"]).group(1)
+    assert [part.split(":")[0] for part in licensed.split("; ")] == [
+        r.split("==")[0] for r in packaging.WHEEL_REQUIREMENTS]
+
+
 def local_download(source: Path):
     def download(requirements, dest: Path, python_version: str) -> None:
         for wheel in source.glob("*.whl"):
@@ -146,13 +160,13 @@ def test_build_wheels_dataset_with_an_injected_download(tmp_path):
         make_wheel(source, dist, version)
     template = write_template(tmp_path / "meta.json", slug="guie-kit-wheels",
                               title="GUIE kit wheels", licenses=[{"name": "other"}])
-    packed = build_wheels_dataset(tmp_path / "out", template, "me", [KEY], "3.11",
+    packed = build_wheels_dataset(tmp_path / "out", template, "me", [KEY], "3.12",
                                   download=local_download(source))
     assert sorted(name for name, _ in packed.files) == [
         "ftfy-6.3.1-py3-none-any.whl", "open_clip_torch-3.3.0-py3-none-any.whl"]
     marker = json.loads((packed.folder / "guie-wheels.json").read_text())
     assert marker["requirements"] == list(packaging.WHEEL_REQUIREMENTS)
-    assert marker["python_version"] == "3.11"
+    assert marker["python_version"] == "3.12"
     assert not (packed.folder / "unrelated-1.0-py3-none-any.whl").exists()
     assert packed.ref == "me/guie-kit-wheels"
 
