@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guie.errors import UserValueError
+
 # A preprocessing field left at this (CLIP's) default is taken from the backbone if it has its
 # own (`resolve_preprocess`).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -128,7 +130,7 @@ class VisionTransformerBackbone(Backbone):
         patch = int(conv.kernel_size[0])
         stride = patch_stride_px or int(conv.stride[0])
         if size < patch:
-            raise ValueError(f"image_size_px={size} is smaller than the {patch} px patch")
+            raise UserValueError(f"image_size_px={size} is smaller than the {patch} px patch")
         grid = (size - patch) // stride + 1
         old = visual.positional_embedding
         old_grid = int(round((old.shape[0] - 1) ** 0.5))
@@ -191,8 +193,8 @@ class TimmTrunkBackbone(Backbone):
             else:
                 unnamed.append(name)
         if unnamed or not blocks:
-            raise ValueError(f"{self.name}: timm's group_matcher leaves {unnamed[:5]} in no "
-                             "layer group")
+            raise UserValueError(f"{self.name}: timm's group_matcher leaves {unnamed[:5]} in no "
+                                 "layer group")
         head = list(self.visual.head.parameters())
         return [stem] + [blocks[k] for k in sorted(blocks)] + [top + head]
 
@@ -200,12 +202,12 @@ class TimmTrunkBackbone(Backbone):
                        patch_stride_px: int = 0) -> None:
         """Any input size: the trunk's global average pooling takes any feature map."""
         if patch_stride_px:
-            raise ValueError(f"patch_stride_px={patch_stride_px}: {self.name} is a {self.kind} "
-                             "without a patch embedding; overlapping patches apply to ViTs "
-                             "only (set patch_stride_px=0)")
+            raise UserValueError(f"patch_stride_px={patch_stride_px}: {self.name} is a {self.kind} "
+                                 "without a patch embedding; overlapping patches apply to ViTs "
+                                 "only (set patch_stride_px=0)")
         size = image_size_px or preprocess.image_size
         if size < 32:  # five stride-2 stages: below 32 px the last map is under one pixel
-            raise ValueError(f"image_size_px={size}: {self.name} needs at least 32 px")
+            raise UserValueError(f"image_size_px={size}: {self.name} needs at least 32 px")
         preprocess.image_size = size
         self.visual.image_size = (size, size)
 
@@ -233,9 +235,9 @@ def backbone_of(visual: nn.Module, name: str = "") -> Backbone:
         return VisionTransformerBackbone(visual, name)
     if isinstance(visual, TimmModel):
         return TimmTrunkBackbone(visual, name)
-    raise ValueError(f"model.backbone{' ' + repr(name) if name else ''}: a "
-                     f"{type(visual).__name__} tower is not supported; the kit takes open_clip "
-                     "VisionTransformers and timm trunks (timm_model_name configs)")
+    raise UserValueError(f"model.backbone{' ' + repr(name) if name else ''}: a "
+                         f"{type(visual).__name__} tower is not supported; the kit takes open_clip "
+                         "VisionTransformers and timm trunks (timm_model_name configs)")
 
 
 def resolve_preprocess(cfg, backbone: Backbone):

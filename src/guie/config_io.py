@@ -16,8 +16,10 @@ import typing
 from dataclasses import fields, is_dataclass, replace
 from typing import Any, Literal
 
+from guie.errors import UserValueError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserValueError):
     """A config name, override or saved config that is wrong. The message says in one line what
     is wrong and what would be right; the command line prints it as `error: ...` (exit 2)."""
 

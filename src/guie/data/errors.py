@@ -3,8 +3,10 @@ damage that was skipped. Every data module and the command line share these, so 
 from any one format."""
 from __future__ import annotations
 
+from guie.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """Bad input data: the message names the file and the record, row or field at fault."""
 
 

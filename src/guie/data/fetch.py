@@ -43,6 +43,7 @@ from guie.config_io import from_dict
 from guie.data.errors import DataError
 from guie.data.remote import DatasetHost
 from guie.data.verify import VerificationError, expected_label_range, verify_source
+from guie.errors import UserValueError
 
 MANIFEST = "guie-manifest.json"
 STATE = ".guie-fetch-state.json"
@@ -67,8 +68,8 @@ class DatasetRef:
         parts = text.strip("/").split("/")
         if (len(parts) not in (2, 3) or not all(parts)
                 or (len(parts) == 3 and not parts[2].isdigit())):
-            raise ValueError(f"{text!r}: expected a Kaggle dataset as owner/slug or "
-                             "owner/slug/VERSION")
+            raise UserValueError(f"{text!r}: expected a Kaggle dataset as owner/slug or "
+                                 "owner/slug/VERSION")
         return cls(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else None)
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from guie.config import DataSource
 from guie.data.tfrecord import encode_example, write_tfrecord
+from guie.errors import UserValueError
 
 FORMAT = "guie-sample-v2"  # v2: more photos, label ranges per photo in the manifest
 NUM_SHARDS = 4
@@ -104,7 +105,7 @@ def _available_photos() -> list[tuple[str, str, Image.Image]]:
 def _allocate(weights: np.ndarray, total: int) -> np.ndarray:
     """One instance per photo, the rest by weight (largest remainder)."""
     if total < len(weights):
-        raise ValueError(f"num_instances must be >= {len(weights)} (one per photo)")
+        raise UserValueError(f"num_instances must be >= {len(weights)} (one per photo)")
     share = (total - len(weights)) * weights / weights.sum()
     counts = np.floor(share).astype(int)
     counts[np.argsort(-(share - counts), kind="stable")[: total - len(weights) - counts.sum()]] += 1

@@ -15,6 +15,7 @@ import numpy as np
 from guie.data.errors import DataError
 from guie.data.sample import build_sample_data
 from guie.data.sources import Split, describe, filter_classes, merge_sources, split_classes
+from guie.errors import UserValueError
 
 
 def photo_label_ranges(out_dir: str | Path) -> list[dict]:
@@ -42,8 +43,8 @@ def photo_split(df, cfg, photos: list[dict]) -> tuple:
         held_photos.append(photos[i]["photo"])
         held_labels.extend(range(lo, hi))
     if len(held_photos) == len(photos):
-        raise ValueError(f"data: holding out {need} classes takes every sample photo; lower "
-                         "heldout_classes/distractor_classes or raise sample_instances")
+        raise UserValueError(f"data: holding out {need} classes takes every sample photo; lower "
+                             "heldout_classes/distractor_classes or raise sample_instances")
     counts = df["label"].value_counts()
     held_counts = counts[counts.index.isin(held_labels)]
     split = split_classes(df, cfg, rng, held_counts, kept_out=np.asarray(held_labels),

@@ -37,6 +37,7 @@ from torch import nn
 
 from guie.backbones import backbone_of
 from guie.data.preprocess import Preprocess
+from guie.errors import UserValueError
 from guie.export.script import (SubmissionModel, build_submission_model, check_contract,
                                 write_submission_zip)
 from guie.model import EmbeddingModel, image_aspect_features
@@ -63,8 +64,8 @@ class CompatPreprocess(Preprocess):
     @classmethod
     def from_preprocess(cls, source: Preprocess) -> "CompatPreprocess":
         if source.mode not in ("bicubic", "bilinear"):
-            raise ValueError(f"export_compat: preprocess interpolation {source.mode!r} has no "
-                             "torch 1.11 path (bicubic and bilinear do)")
+            raise UserValueError(f"export_compat: preprocess interpolation {source.mode!r} has no "
+                                 "torch 1.11 path (bicubic and bilinear do)")
         compat = copy.deepcopy(source)
         compat.__class__ = cls  # adds no state: only `_interpolate` differs
         return compat
@@ -84,9 +85,9 @@ class CompatLayerNorm(nn.Module):
     def __init__(self, source: nn.Module):
         super().__init__()
         if isinstance(source, LayerNormFp32) or not isinstance(source, (LayerNorm, nn.LayerNorm)):
-            raise ValueError(f"export_compat: unsupported norm layer {type(source).__name__}")
+            raise UserValueError(f"export_compat: unsupported norm layer {type(source).__name__}")
         if source.weight is None or source.bias is None:
-            raise ValueError("export_compat: LayerNorm without affine weights is unsupported")
+            raise UserValueError("export_compat: LayerNorm without affine weights is unsupported")
         self.normalized_shape: List[int] = list(source.normalized_shape)
         self.eps = float(source.eps)
         self.weight = _frozen(source.weight)
@@ -123,7 +124,7 @@ def _compat_activation(source: nn.Module) -> nn.Module:
         return ErfGELU()
     if isinstance(source, QuickGELU):
         return CompatQuickGELU()
-    raise ValueError(f"export_compat: unsupported activation {source!r}")
+    raise UserValueError(f"export_compat: unsupported activation {source!r}")
 
 
 def _compat_layer_scale(source: nn.Module) -> nn.Module:
@@ -131,7 +132,7 @@ def _compat_layer_scale(source: nn.Module) -> nn.Module:
         return nn.Identity()
     if isinstance(source, LayerScale):
         return CompatLayerScale(source)
-    raise ValueError(f"export_compat: unsupported layer scale {type(source).__name__}")
+    raise UserValueError(f"export_compat: unsupported layer scale {type(source).__name__}")
 
 
 class CompatAttention(nn.Module):
@@ -141,8 +142,8 @@ class CompatAttention(nn.Module):
         super().__init__()
         if not (source.batch_first and source._qkv_same_embed_dim) or source.in_proj_bias is None \
                 or source.bias_k is not None or source.add_zero_attn:
-            raise ValueError("export_compat: only batch-first self-attention with packed, biased "
-                             "in_proj and no bias_k/bias_v/zero-attn is supported")
+            raise UserValueError("export_compat: only batch-first self-attention with packed, "
+                                 "biased in_proj and no bias_k/bias_v/zero-attn is supported")
         self.num_heads = int(source.num_heads)
         self.head_dim = int(source.head_dim)
         self.scale = float(source.head_dim) ** -0.5
@@ -166,8 +167,8 @@ class CompatBlock(nn.Module):
     def __init__(self, source: nn.Module):
         super().__init__()
         if type(source) is not ResidualAttentionBlock or hasattr(source, "ln_1_kv"):
-            raise ValueError(f"export_compat: unsupported transformer block "
-                             f"{type(source).__name__} (custom / cross-attention blocks)")
+            raise UserValueError(f"export_compat: unsupported transformer block "
+                                 f"{type(source).__name__} (custom / cross-attention blocks)")
         self.ln_1 = CompatLayerNorm(source.ln_1)
         self.attn = CompatAttention(source.attn)
         self.ls_1 = _compat_layer_scale(source.ls_1)
@@ -231,8 +232,8 @@ class CompatVisionTransformer(nn.Module):
 def _check_vision_transformer(visual: nn.Module) -> None:
     """Fail at export time, by name, on any VisionTransformer feature this rebuild lacks."""
     if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"export_compat: backbone {type(visual).__name__} is not an open_clip "
-                         "VisionTransformer (timm / ResNet towers are unsupported)")
+        raise UserValueError(f"export_compat: backbone {type(visual).__name__} is not an open_clip "
+                             "VisionTransformer (timm / ResNet towers are unsupported)")
     problems = []
     if visual.attn_pool is not None:
         problems.append("attentional_pool")
@@ -249,7 +250,7 @@ def _check_vision_transformer(visual: nn.Module) -> None:
             or any(conv.padding) or conv.groups != 1 or any(d != 1 for d in conv.dilation):
         problems.append("patch embedding other than a bias-free stride=kernel conv")
     if problems:
-        raise ValueError(f"export_compat: unsupported VisionTransformer features: {problems}")
+        raise UserValueError(f"export_compat: unsupported VisionTransformer features: {problems}")
 
 
 class CompatSubmissionModel(nn.Module):
@@ -287,8 +288,8 @@ def compat_from_submission(export: SubmissionModel) -> CompatSubmissionModel:
                          "compat export mirrors only preprocess, visual and linear")
     dtype = export.linear.weight.dtype
     if dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"export_compat: weights in {dtype}; only float32 and float16 load in "
-                         "1.11")
+        raise UserValueError(f"export_compat: weights in {dtype}; only float32 and float16 load in "
+                             "1.11")
     compat = CompatSubmissionModel(CompatPreprocess.from_preprocess(export.preprocess),
                                    CompatVisionTransformer(export.visual), export.linear,
                                    aspect=export.aspect_features)
@@ -300,7 +301,7 @@ def build_compat_export(model: EmbeddingModel, preprocess: Preprocess,
     """The eager export model (folded head, eval copy) rebuilt for torch 1.11; scriptable."""
     why_not = backbone_of(model.visual).supports_compat_export()
     if why_not:
-        raise ValueError(f"--compat torch1.11: {why_not}")
+        raise UserValueError(f"--compat torch1.11: {why_not}")
     return compat_from_submission(build_submission_model(model, preprocess, fp16_weights))
 
 
@@ -311,7 +312,7 @@ def archive_format_version(path: str | Path) -> int:
         for record in (".data/version", "version"):
             if record in records:
                 return int(zf.read(records[record]).decode().strip())
-    raise ValueError(f"{path}: no version record; not a TorchScript archive")
+    raise UserValueError(f"{path}: no version record; not a TorchScript archive")
 
 
 def serialized_ops(path: str | Path) -> set[str]:
@@ -330,12 +331,12 @@ def check_torch111_archive(path: str | Path) -> None:
         bumped = sorted(name for name, entries in version_map.items()
                         if any(e.bumped_at_version > TORCH111_MAX_FILE_FORMAT_VERSION
                                for e in entries))
-        raise ValueError(f"{path}: archive format version {version}, but torch 1.11 reads at most "
-                         f"{TORCH111_MAX_FILE_FORMAT_VERSION}; an operator versioned after 1.11 "
-                         f"was serialised (one of {bumped})")
+        raise UserValueError(f"{path}: archive format version {version}, but torch 1.11 reads "
+                             f"at most {TORCH111_MAX_FILE_FORMAT_VERSION}; an operator versioned "
+                             f"after 1.11 was serialised (one of {bumped})")
     missing = sorted(serialized_ops(path) & set(TORCH111_MISSING_OPS))
     if missing:
-        raise ValueError(f"{path}: calls operators torch 1.11 lacks: {missing}")
+        raise UserValueError(f"{path}: calls operators torch 1.11 lacks: {missing}")
 
 
 def save_compat_export(export: nn.Module, path: str | Path) -> Path:

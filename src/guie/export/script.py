@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guie.data.preprocess import Preprocess
+from guie.errors import UserValueError
 from guie.model import EmbeddingModel, image_aspect_features
 from guie.reduction import fold_into_linear
 
@@ -42,7 +43,8 @@ class SubmissionModel(nn.Module):
         super().__init__()
         unknown = sorted(set(tta) - set(TTA_VIEWS))
         if unknown:
-            raise ValueError(f"export.tta: unknown views {unknown} (known: {', '.join(TTA_VIEWS)})")
+            raise UserValueError(f"export.tta: unknown views {unknown} "
+                                 f"(known: {', '.join(TTA_VIEWS)})")
         self.preprocess = preprocess
         self.visual = visual
         self.linear = linear
@@ -187,8 +189,8 @@ def build_concat_model(towers: list[tuple[EmbeddingModel, Preprocess]],
     total = sum(part.linear.out_features for part in parts)
     weight, bias = reduction if reduction is not None else (torch.eye(total), torch.zeros(total))
     if weight.shape[1] != total:
-        raise ValueError(f"export.concat: the reduction takes {weight.shape[1]} inputs but the "
-                         f"towers give {total}")
+        raise UserValueError(f"export.concat: the reduction takes {weight.shape[1]} inputs but the "
+                             f"towers give {total}")
     linear = nn.Linear(total, weight.shape[0])
     with torch.no_grad():
         linear.weight.copy_(weight)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from guie.errors import UserError, UserValueError
 from guie.retrieval.images import DEFAULT_MAX_PIXELS, SkippedImage, list_files, load_image
 from guie.retrieval.model_file import load_torchscript
 
@@ -99,12 +100,13 @@ class ImageIndex:
             meta = json.loads(data["meta"].tobytes().decode("ascii"))
             embeddings = torch.from_numpy(np.array(data["embeddings"], dtype=np.float32))
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise ValueError(f"{path}: index format {meta.get('format_version')!r}, "
-                             f"expected {INDEX_FORMAT_VERSION}")
+            raise UserValueError(f"{path}: index format {meta.get('format_version')!r}, "
+                                 f"expected {INDEX_FORMAT_VERSION}")
         entries = [IndexEntry(p, int(s), int(m), int(w), int(h))
                    for p, s, m, w, h in meta["entries"]]
         if embeddings.shape[0] != len(entries):
-            raise ValueError(f"{path}: {embeddings.shape[0]} embeddings for {len(entries)} files")
+            raise UserValueError(f"{path}: {embeddings.shape[0]} embeddings for "
+                                 f"{len(entries)} files")
         return cls(root=Path(meta["root"]), model_sha256=meta["model_sha256"],
                    load_settings=meta["load_settings"], entries=entries, embeddings=embeddings,
                    skipped=[SkippedEntry(p, int(s), int(m), r) for p, s, m, r in meta["skipped"]])
@@ -132,7 +134,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ModelContractError(RuntimeError):
+class ModelContractError(UserError, RuntimeError):
     """The model's output does not follow the contract: fatal, unlike a per-image failure."""
 
 
@@ -142,9 +144,9 @@ class Embedder:
     def __init__(self, model_path: Path | str, device: str = "cpu", max_side: int | None = None,
                  batch_size: int = 1, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_side is not None and max_side < 1:
-            raise ValueError(f"max_side must be >= 1, got {max_side}")
+            raise UserValueError(f"max_side must be >= 1, got {max_side}")
         self.model_path = Path(model_path)
         self.device = torch.device(device)
         # A TorchScript file or a submission.zip; anything else is a ModelFileError saying what.

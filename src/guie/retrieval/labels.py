@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from guie.errors import UserValueError
 from guie.metrics import knn, mean_precision_at_k
 
 
@@ -38,20 +39,20 @@ def labels_from_csv(csv_path: Path | str, root: Path | str) -> dict[str, str]:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise ValueError(f"{csv_path}:{line_no}: expected 'path,label', got {row!r}")
+                raise UserValueError(f"{csv_path}:{line_no}: expected 'path,label', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
             if line_no == 1 and (path.lower(), label.lower()) == ("path", "label"):
                 continue
             candidate = Path(path)
             if candidate.is_absolute():
                 if not candidate.resolve().is_relative_to(root):
-                    raise ValueError(f"{csv_path}:{line_no}: {path} is not inside {root}")
+                    raise UserValueError(f"{csv_path}:{line_no}: {path} is not inside {root}")
                 path = candidate.resolve().relative_to(root).as_posix()
             else:
                 path = candidate.as_posix()
             if labels.get(path, label) != label:
-                raise ValueError(f"{csv_path}:{line_no}: {path} labelled both "
-                                 f"{labels[path]!r} and {label!r}")
+                raise UserValueError(f"{csv_path}:{line_no}: {path} labelled both "
+                                     f"{labels[path]!r} and {label!r}")
             labels[path] = label
     return labels
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from guie.errors import UserError
+
 SUBMISSION_MEMBER = "saved_model.pt"  # where the Kaggle host looks inside submission.zip
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy (pre-zip) format starts with a pickle protocol
 
 
-class ModelFileError(Exception):
+class ModelFileError(UserError):
     """`--model` names no loadable TorchScript model; the message says what it is instead and
     which command makes the right file."""
 
