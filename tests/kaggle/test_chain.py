@@ -139,14 +139,67 @@ def test_a_failed_kernel_stops_the_chain_with_its_message(running_kaggle, tmp_pa
     assert "failed before" in capsys.readouterr().err and saved(fake, TRAIN[0]) == 1
 
 
-def test_the_quota_budget_stops_the_chain_cleanly(running_kaggle, tmp_path, wheelhouse, capsys):
+def test_the_quota_kaggle_reports_stops_the_chain_before_a_session_it_cannot_hold(
+        running_kaggle, tmp_path, wheelhouse, capsys):
+    """Each session is charged 0.2 h here; the next one may take up to max_hours + 0.25 h of
+    set-up (from push to end): with 0.3 h allowed, session 1 runs and session 2 does not."""
     fake, _ = running_kaggle
+    fake.set_quota(total_h=0.3, charge_h=0.2)
     workdir = tmp_path / "work"
-    assert main([*run_args(workdir, wheelhouse, "--max-quota-hours", "0.0001")]) == 3
+    assert main(run_args(workdir, wheelhouse)) == 3
     out = capsys.readouterr().out
-    assert "stopped before session 2" in out and "budget of 0.0001" in out
+    assert "GPU quota: 0.10 h of GPU quota left" in out
+    assert "stopped before session 2: GPU quota: 0.10 h left" in out
     assert saved(fake, TRAIN[0]) == 1 and saved(fake, TRAIN[1]) == 0
     assert fake.rpc_calls("CreateCodeSubmission") == []
+    # the chain's own cap, on top of Kaggle's quota: nothing pushed past it
+    fake.set_quota(total_h=30.0)
+    assert main([*run_args(tmp_path / "other", wheelhouse), "--max-quota-hours", "0.1"]) == 3
+    assert "would pass the chain's cap of 0.1" in capsys.readouterr().out
+    assert saved(fake, TRAIN[0]) == 1
+
+
+def test_a_second_run_with_a_changed_override_acts_on_its_own_sessions(
+        running_kaggle, tmp_path, wheelhouse, capsys):
+    """The same kernels pushed again for another run, while Kaggle's first unversioned reads
+    still describe the previous run's sessions: every read names the new version and the output
+    must carry the new push's nonce, so the chain never takes the old output for its own (which
+    it would then call foreign), through a restart mid-chain too."""
+    fake, _ = running_kaggle
+    workdir = tmp_path / "work"
+    assert main(run_args(workdir, wheelhouse, "--until", "trained")) == 0
+    first = json.loads((workdir / "run-smoke.json").read_text())["run"]["run_id"]
+    (workdir / "run-smoke.json").rename(workdir / "run-smoke-first.json")
+    fake.stale_reads_after_push = 3
+    again = [*run_args(workdir, wheelhouse, "--until", "trained"), "seed=1"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_push(line: str) -> None:  # a restart while waiting on session 1
+        print(line)
+        if line.startswith("pushed train kernel"):
+            raise Stop
+    import guie_cli.kaggle_run as kaggle_run
+
+    chain_class = kaggle_run.Chain
+    try:
+        kaggle_run.Chain = lambda *a, **kw: chain_class(*a, **{**kw, "log": stop_after_first_push})
+        with pytest.raises(Stop):
+            main(again)
+    finally:
+        kaggle_run.Chain = chain_class
+    capsys.readouterr()
+    assert main(again) == 0
+    out = capsys.readouterr().out
+    state = json.loads((workdir / "run-smoke.json").read_text())
+    assert state["run"]["run_id"] != first
+    assert [(s["ref"], s["version"], s["outcome"]) for s in state["sessions"]] == [
+        (TRAIN[0], 2, "paused"), (TRAIN[1], 2, "paused"), (TRAIN[2], 2, "done")]
+    assert "foreign" not in out and "another run" not in out
+    for ref in TRAIN:  # the last session of each kernel trained the new run
+        marker = json.loads(fake.kernels[ref].sessions[-1].outputs["guie-run.json"])
+        assert marker["run_id"] == state["run"]["run_id"]
 
 
 def test_run_dry_run_shows_the_chain(fake_kaggle, tmp_path, capsys):
@@ -154,4 +207,5 @@ def test_run_dry_run_shows_the_chain(fake_kaggle, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training sessions of up to 11 h" in out and "daily cap 5" in out
     assert "session(s) of 11 h" in out  # the planner's estimate of how many the chain needs
-    assert fake_kaggle.calls == []
+    assert "GPU quota: not reported by Kaggle; assuming about 30 h" in out
+    assert [name for name, _ in fake_kaggle.calls] == ["GetAcceleratorQuotaStatistics"]
