@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from guie.configs import get_config, list_configs
-from guie_cli.main import UserError
+from guie.errors import UserError
 
 DEFAULT_CONFIG = "third_place"  # the reference recipe
 

@@ -18,9 +18,9 @@ from guie.benchmark import SourceScore, score_source
 from guie.config import EvalSource, ExperimentConfig
 from guie.configs import resolve_config
 from guie.data.eval_sources import drop_training_duplicates, load_eval_source
+from guie.errors import UserError
 from guie.retrieval.index import Embedder
 from guie.retrieval.report import Match, QueryResult, write_report
-from guie_cli.main import UserError
 
 
 def parse_source(text: str) -> EvalSource:

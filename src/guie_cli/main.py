@@ -24,6 +24,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from guie.errors import UserError
+
 COMMAND_MODULES = ("local", "kaggle_cmds", "kaggle_run", "data_cmds", "search", "plan_cmd",
                    "eval_cmd")
 USER_ERROR_STATUS = 2
@@ -47,11 +49,6 @@ _KIT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
 # A file of the kit itself that is missing (a notebook template) is a broken install, not a
 # path the user gave.
 _KIT_FILES = (*_KIT_DIRS, str(Path(__file__).resolve().parents[2] / "kernels") + os.sep)
-
-
-class UserError(Exception):
-    """A mistake in what the user typed or gave, found by a command: printed as one line
-    `error: <message>` (exit 2). The message says what is wrong and what would be right."""
 
 
 class HelpFormatter(argparse.HelpFormatter):

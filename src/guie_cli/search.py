@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from guie.errors import UserError
 from guie.metrics import knn
 from guie.retrieval.index import Embedder, update_index
 from guie.retrieval.labels import leave_one_out, labels_from_csv, labels_from_folders
 from guie.retrieval.report import Match, QueryResult, SkippedFile, write_report
-from guie_cli.main import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
