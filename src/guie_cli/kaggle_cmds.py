@@ -15,6 +15,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from guie.errors import UserValueError
 from guie.kaggle import packaging
 from guie.kaggle.build import (build_kernels, pin_dataset_sources, pinned_versions,
                                upload_datasets)
@@ -120,7 +121,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         status = session.status
         if status.state != "COMPLETE" or not session.ours:
             what = status.state if session.ours else "COMPLETE, but not with this push's output"
-            raise ValueError(f"training kernel {train['ref']} version {train['version']} ended "
+            raise UserValueError(f"training kernel {train['ref']} version {train['version']} ended "
                              f"{what} {status.failure_message}; the inference kernel was not "
                              "pushed (`submit.py status --wait` shows its log)".rstrip())
     if "infer" in chosen:
@@ -141,11 +142,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     state = load_state(args)
     if "infer" not in state["kernels"]:
-        raise ValueError("no inference kernel pushed yet (run `submit.py push`)")
+        raise UserValueError("no inference kernel pushed yet (run `submit.py push`)")
     kernel = state["kernels"]["infer"]
     version = args.version if args.version is not None else kernel.get("version")
     if not version:
-        raise ValueError(f"the version of kernel {kernel['ref']} is unknown (the push answered "
+        raise UserValueError(f"the version of kernel {kernel['ref']} is unknown (the push answered "
                          "none); Kaggle would take its latest run, which may be an older or failed "
                          "one. Look it up on the kernel's page and pass --version N.")
     # The commit the kernel was built from, not whatever is checked out now.
@@ -164,10 +165,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"kernel {kernel['ref']} version {version}: {status.state}; output "
           f"{args.file} {'present' if args.file in outputs else 'MISSING'}")
     if status.state != "COMPLETE":
-        raise ValueError(f"kernel {kernel['ref']} is {status.state} "
+        raise UserValueError(f"kernel {kernel['ref']} is {status.state} "
                          f"{status.failure_message}; submit once it is COMPLETE".rstrip())
     if args.file not in outputs:
-        raise ValueError(f"kernel {kernel['ref']}: its output has no {args.file} (it has "
+        raise UserValueError(f"kernel {kernel['ref']}: its output has no {args.file} (it has "
                          f"{', '.join(outputs) or 'nothing'}); see `submit.py status --wait`")
     if not confirm(f"Submit {kernel['ref']} v{version} to {COMPETITION}?", args.yes):
         print("not submitted")

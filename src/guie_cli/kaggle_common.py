@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from guie.errors import UserValueError
 from guie.kaggle import packaging
 from guie.kaggle.notebooks import TEMPLATES_DIR
 from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE
@@ -32,7 +33,7 @@ def state_path(args: argparse.Namespace) -> Path:
 def load_state(args: argparse.Namespace) -> dict:
     path = state_path(args)
     if not path.exists():
-        raise ValueError(f"{path}: nothing pushed from this workdir yet (run `submit.py push`)")
+        raise UserValueError(f"{path}: nothing pushed from this workdir yet (run `submit.py push`)")
     return json.loads(path.read_text())
 
 

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
+from guie.errors import UserValueError
 from guie.kaggle.inputs import InputRef
 
 Layout = Literal["current", "legacy"]
@@ -25,7 +26,7 @@ LAYOUTS = ("current", "legacy")
 def mount_point(ref: str | InputRef, input_root: str | Path, layout: Layout) -> Path:
     ref = ref if isinstance(ref, InputRef) else InputRef.parse(ref)
     if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        raise UserValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     return ref.candidates(input_root)[LAYOUTS.index(layout)]
 
 

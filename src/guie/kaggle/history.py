@@ -13,6 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from guie.errors import UserValueError
 from guie.kaggle.results import LeaderboardEntry, Submission
 
 COLUMNS = ["fetched_at", "kind", "ref", "date", "experiment", "description", "status",
@@ -52,7 +53,7 @@ def append_history(csv_path: str | Path, new: pd.DataFrame) -> pd.DataFrame:
            else pd.DataFrame(columns=COLUMNS))
     missing = set(COLUMNS) - set(old.columns)
     if missing:
-        raise ValueError(f"{csv_path}: not a submission history "
+        raise UserValueError(f"{csv_path}: not a submission history "
                          f"(missing columns {sorted(missing)})")
     new = new.astype({"ref": str})
     if len(old):

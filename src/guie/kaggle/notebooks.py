@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from guie.errors import UserValueError
 from guie.kaggle.inputs import (KAGGLE_INPUT, PUSH_MARKER, RUN_MARKER, WEIGHTS_PREFIX, InputRef,
                                 is_kaggle_ref, parse_weights_ref, resolve_input,
                                 resolve_kaggle_path)
@@ -39,7 +40,7 @@ INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module
 Kind = Literal["train", "infer", "probe"]
 
 
-class NotebookError(ValueError):
+class NotebookError(UserValueError):
     pass
 
 

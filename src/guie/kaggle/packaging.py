@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from guie.errors import UserError
 from guie.kaggle.inputs import SOURCE_MARKER, WHEELS_MARKER
 
 OWNER_PLACEHOLDER = "KAGGLE_USERNAME"  # in datasets-metadata/*: replaced by the user's name
@@ -44,7 +45,7 @@ CHECKED_DISTRIBUTIONS = ("open_clip_torch", "ftfy")
 _CHUNK_BYTES = 8 << 20
 
 
-class PackagingError(RuntimeError):
+class PackagingError(UserError, RuntimeError):
     pass
 
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from guie.errors import UserValueError
+
 # Kaggle's notebook image: Python 3.12 since Kaggle/docker-python's "Upgrade to Python 3.12"
 # (December 2025; the TPU image too). A probe record's version wins over this.
 KAGGLE_PYTHON_FALLBACK = "3.12"
@@ -73,7 +75,7 @@ RETIRED_SHAPES = {
 DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"
 
 
-class PlatformError(ValueError):
+class PlatformError(UserValueError):
     pass
 
 

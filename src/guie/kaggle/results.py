@@ -10,6 +10,8 @@ from pathlib import Path
 
 import requests
 
+from guie.errors import UserError
+
 TERMINAL_KERNEL_STATES = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED")
 # GUIE's deadline was 2022-10-17; Kaggle still scores code submissions made after it.
 LATE_NOTE = ("GUIE closed on 2022-10-17: a submission now is a late submission, scored (its "
@@ -17,7 +19,7 @@ LATE_NOTE = ("GUIE closed on 2022-10-17: a submission now is a late submission, 
              "enters the leaderboard, whose rows are the teams' entries from before the deadline")
 
 
-class KaggleError(RuntimeError):
+class KaggleError(UserError, RuntimeError):
     """A Kaggle call failed; the message says which call, on what, and why."""
 
     http_status: int | None = None  # the HTTP status Kaggle answered, where it answered one
