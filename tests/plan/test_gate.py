@@ -29,27 +29,31 @@ def test_third_place_passes_on_2xt4_in_seconds_from_shipped_measurements(no_meas
 
 
 def test_a_stage_that_does_not_fit_is_refused_with_its_gib_limit_and_fix(no_measuring):
-    cfg = resolve_config("third_place", ["stage2.batch_size=128"])
-    (message,) = gate.memory_refusals(cfg, "NvidiaTeslaT4")
+    held = ["stage2.parallel=ddp", "stage2.batch_size=128"]
+    (message,) = gate.memory_refusals(resolve_config("third_place", held), "NvidiaTeslaT4")
     assert message.startswith("stage2 needs ") and "at batch 128" in message
     needed = float(message.split("needs ")[1].split(" GiB")[0])
     assert needed > 14.56 and "over the 14.56 GiB limit on NvidiaTeslaT4" in message
-    assert "fix: stage2.batch_size=64 stage2.grad_accum=2" in message
+    assert "fix: stage2.parallel=fsdp (the same training" in message
     assert "\n" not in message
-    fixed = resolve_config("third_place", ["stage2.batch_size=64", "stage2.grad_accum=2"])
-    assert gate.memory_refusals(fixed, "NvidiaTeslaT4") == []
+    assert gate.memory_refusals(resolve_config("third_place", held + ["stage2.parallel=fsdp"]),
+                                "NvidiaTeslaT4") == []
+    # too large for either: the same effective batch through accumulation
+    (message,) = gate.memory_refusals(resolve_config("third_place", ["stage2.batch_size=1024"]),
+                                      "NvidiaTeslaT4")
+    assert "fix: stage2.batch_size=" in message and "stage2.grad_accum=" in message
 
 
 def test_a_probe_record_of_the_machine_sets_the_limit(no_measuring, tmp_path):
     """What `submit.py probe` recorded of this shape wins over the kit's table: a card with
-    less to allocate than stage 2's ~13.5 GiB refuses it."""
+    less to allocate than stage 2 needs under DDP (~13.5 GiB) or FSDP (~9.7) refuses it."""
     record = {"machine_shape": "NvidiaTeslaT4",
-              "gpu": {"devices": [{"name": "Tesla T4", "memory_gib": 13.0,
-                                   "allocatable_gib": 13.0}] * 2}}
+              "gpu": {"devices": [{"name": "Tesla T4", "memory_gib": 9.0,
+                                   "allocatable_gib": 9.0}] * 2}}
     (tmp_path / "platform.json").write_text(json.dumps(record))
     (message,) = gate.memory_refusals(get_config("third_place"), "NvidiaTeslaT4",
                                       workdir=tmp_path)
-    assert "over the 13 GiB limit" in message and "submit.py probe" in message
+    assert "over the 9 GiB limit" in message and "submit.py probe" in message
     # a record of another shape says nothing about this one
     record["machine_shape"] = "NvidiaL4X1"
     (tmp_path / "platform.json").write_text(json.dumps(record))

@@ -1,9 +1,10 @@
 """The smallest change that makes a stage fit, as ready KEY=VALUE overrides, each checked by
 planning the stage again under it.
 
-Tried in order of how little they change the recipe: gradient checkpointing (the same result,
-slower), a smaller per-device batch with gradient accumulation (the same effective batch), both,
-then training only the top blocks of the backbone (a different recipe: said so).
+Tried in order of how little they change the recipe: FSDP for a stage held to DDP (the same
+result, sharded), gradient checkpointing (the same result, slower), a smaller per-device batch
+with gradient accumulation (the same effective batch), both, then training only the top blocks
+of the backbone (a different recipe: said so).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def with_fix(cfg, sp, shape, classes, images, max_hours, measure, limit=None):
     `limit` (a `guie.plan.gpus.MemoryLimit`; default: the shape's)."""
     stage = cfg.stage(sp.name)
     tried: list[tuple[list[str], str]] = []
+    if stage.parallel == "ddp" and sp.fsdp_gib is not None:
+        tried.append(([f"{sp.name}.parallel=fsdp"],
+                      "the same training with weights, gradients and AdamW state sharded"))
     if not cfg.model.grad_checkpointing and sp.max_batch_other_checkpointing:
         ckpt = ["model.grad_checkpointing=true"]
         tried.append((ckpt, "gradient checkpointing: the same training, ~1/3 more compute"))

@@ -13,7 +13,7 @@ from guie.config import ExperimentConfig, StageConfig
 from guie.kaggle.platform import (MACHINE_SHAPES, OUTPUT_CAP_BYTES, PlatformError,
                                   check_machine_shape)
 from guie.kaggle.platform import machine_shape as machine_shape_of
-from guie.plan import estimates, measurements, memory, timing
+from guie.plan import estimates, measurements, memory, parallel, timing
 from guie.plan.gpus import GIB, MemoryLimit, gpu_of, memory_limit
 from guie.plan.memory import MemoryTerm, StageSetup
 
@@ -45,6 +45,15 @@ class StagePlan:
     fix_note: str = ""
     warnings: tuple[str, ...] = ()
     limit_source: str = ""  # which figure gpu_memory_limit_gib is (guie.plan.gpus.memory_limit)
+    # Several GPUs (guie.plan.parallel): what the stage runs and why, and both columns. `terms`
+    # is DDP's (or one GPU's); gpu_memory_gib, fits, max_batch and hours are the chosen one's.
+    parallel: str = ""  # "ddp" or "fsdp"; "" on one GPU
+    parallel_reason: str = ""
+    ddp_gib: float = 0.0
+    fsdp_gib: float | None = None  # None: not a stage FSDP would shard
+    fsdp_terms: tuple[MemoryTerm, ...] = ()
+    fsdp_hours: float = 0.0
+    comm_basis: str = ""
     # The source's epochs read other ways (guie.configs.epoch_readings): (label, epochs, hours)
     readings: tuple[tuple[str, float, float], ...] = ()
 
@@ -145,23 +154,41 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
         raise ValueError(f"plan: no activation measurement for {key.text()} and measuring is off")
     head = memory.measure_head(cfg, _head_in(model), num_classes, amp, trains_backbone)
     world = shape.gpus if (trains_backbone or not from_cache) else 1
+    blocks = [sum(p.numel() for p in g) for g in seam.layer_groups()[1:-1]]
+    centres = sum(p.numel() for p in loss_fn.parameters())
     setup = StageSetup(stage.name, stage.batch_size, world, from_cache, trains_backbone, ckpt, amp,
                        total, trained, bool(stage.ema_decay), share,
                        m if trains_backbone or not from_cache else None,
                        m if from_cache else None, head.peak_bytes, head.weight_copy_bytes,
-                       stage.grad_clip_norm)
-    peak = memory.stage_peak_gib(setup, gpu)
+                       stage.grad_clip_norm, max(blocks, default=0),
+                       total - sum(blocks) - centres, centres, stage.grad_accum,
+                       stage.fsdp_reduce_every_micro_step)
+    limit = limit or memory_limit(shape)
+    ddp_peak = memory.stage_peak_gib(setup, gpu)
+    shardable = world > 1 and not from_cache
+    fsdp_peak = parallel.fsdp_peak_gib(setup, gpu) if shardable else None
+    choice = parallel.decide(stage.parallel, world, from_cache, ddp_peak, fsdp_peak, limit.gib)
+    peak_of = parallel.fsdp_peak_gib if choice.parallel == parallel.FSDP and shardable else \
+        memory.stage_peak_gib
+    peak = peak_of(setup, gpu)
     terms = memory.training_terms(setup, gpu)
     _, extra = memory.peak_gib(terms, setup, gpu)
+    fsdp_terms = ()
+    if shardable:
+        raw = parallel.fsdp_terms(setup, gpu)
+        fsdp_terms = tuple(raw + memory.peak_gib(raw, setup, gpu, shards=world)[1])
     if from_cache:
         terms += [replace(t, name=f"cache pass: {t.name}")
                   for t in memory.cache_pass_terms(setup, gpu)]
-    limit = limit or memory_limit(shape)
-    best = memory.max_batch(setup, gpu, limit.gib)
+    # auto fits a batch where either parallelism does (it takes FSDP when DDP runs short)
+    fit_peak = peak_of if stage.parallel != "auto" or not shardable else (
+        lambda s_, g_, b_=None: min(memory.stage_peak_gib(s_, g_, b_),
+                                    parallel.fsdp_peak_gib(s_, g_, b_)))
+    best = memory.max_batch(setup, gpu, limit.gib, peak=fit_peak)
     best_other, other_act = 0, None
     if other is not None:
         switched = replace(setup, checkpointing=not ckpt, backbone=other)
-        best_other = memory.max_batch(switched, gpu, limit.gib)
+        best_other = memory.max_batch(switched, gpu, limit.gib, peak=fit_peak)
         other_act = other.activation_bytes(stage.batch_size, share) / GIB
     rate = timing.rate_for(gpu)
     forward = m.forward_flops_per_image
@@ -187,12 +214,22 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
                         f"($GUIE_CACHE_DIR) and is lost when a session ends, so cache pass + "
                         f"head training ({st.hours:.1f} h) must fit one {max_hours:g} h "
                         "session")
-    readings = tuple((label, epochs, time_of(epochs).hours) for label, epochs in epoch_readings)
+    comm_h, comm_basis = (parallel.extra_comm_hours(setup, train_images, stage.epochs, gpu)
+                          if shardable else (0.0, ""))
+    chosen_comm_h = comm_h if choice.parallel == parallel.FSDP and shardable else 0.0
+    readings = tuple((label, epochs, time_of(epochs).hours
+                      + (chosen_comm_h * epochs / stage.epochs if stage.epochs else 0.0))
+                     for label, epochs in epoch_readings)
+    hours = st.hours + chosen_comm_h
     return StagePlan(stage.name, peak <= limit.gib, peak, limit.gib, best, best_other,
-                     stage.batch_size, ckpt, tuple(terms + extra), other_act, st.hours,
-                     st.cache_pass_hours, timing.sessions_needed([st.hours], max_hours),
+                     stage.batch_size, ckpt, tuple(terms + extra), other_act, hours,
+                     st.cache_pass_hours, timing.sessions_needed([hours], max_hours),
                      st.basis, attention=gpu.attention_note, warnings=tuple(warnings),
-                     limit_source=limit.source, readings=readings)
+                     limit_source=limit.source, readings=readings,
+                     parallel=choice.parallel if world > 1 else "",
+                     parallel_reason=choice.reason if world > 1 else "", ddp_gib=ddp_peak,
+                     fsdp_gib=fsdp_peak, fsdp_terms=fsdp_terms,
+                     fsdp_hours=st.hours + comm_h if shardable else 0.0, comm_basis=comm_basis)
 
 
 def _head_in(model) -> int:

@@ -41,7 +41,7 @@ def memory_refusals(cfg: ExperimentConfig, machine_shape: str,
         return []
     try:
         plan = plan_run(cfg, machine_shape, num_classes=classes,
-                        measure_missing=_small_backbone(cfg, classes), workdir=workdir)
+                        measure_missing=small_backbone(cfg), workdir=workdir)
     except ValueError as e:  # a missing measurement (measuring is off), an unknown GPU
         log.warning("memory preflight: %s not judged: %s", cfg.name, e)
         return []
@@ -62,7 +62,7 @@ def refusal(stage, machine_shape: str, config: str) -> str:
             f"{config} --machine-shape {machine_shape}` with the same overrides")
 
 
-def _small_backbone(cfg: ExperimentConfig, classes: int) -> bool:
+def small_backbone(cfg: ExperimentConfig) -> bool:
     """Whether measuring the backbone, if it is missing, takes seconds (counted on meta)."""
     from guie.model import build_model
 

@@ -78,6 +78,13 @@ DDP_NOTE = ("gradient_as_bucket_view=True: DDP's buckets are the .grad tensors (
             "gradients), and no_sync on accumulation micro-steps accumulates into them; what DDP "
             "adds is NCCL's buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)")
 NCCL_GIB = 0.25
+NCCL_NOTE = "NCCL's buffers (~0.25 GiB: 4 MiB NCCL_BUFFSIZE x channels x peers)"
+# What one rank's collectives move per second between Kaggle's two T4s: PCIe 3 x16 (~12 GB/s
+# each way in theory), and NCCL's peer-to-peer is often disabled there (NCCL_P2P_DISABLE=1, the
+# usual remedy for its hangs), which stages through host memory. Assumed, not measured.
+COLLECTIVE_GB_S = 5.0
+COLLECTIVE_NOTE = ("assumed for 2xT4 over PCIe 3 with NCCL peer-to-peer possibly disabled "
+                   "(staged through host memory); not measured")
 # The caching allocator rounds every block up (512 B; 2 MiB segments, 20 MiB for large ones)
 # and fragments: PyTorch's reserved memory exceeds the allocated peak.
 ALLOCATOR_OVERHEAD = 0.08

@@ -65,6 +65,14 @@ class Measurement:
         top = max(self.train_envelope, key=live)
         return max(0.0, live(top) - top[2]) * block_share, top[2] * block_share
 
+    def activations_without_copies(self, batch: float, block_share: float = 1.0) -> float:
+        """The step's largest live bytes less autocast's weight copies at `batch`: what a
+        step whose parameters are already in the AMP dtype keeps (FSDP's mixed precision, where
+        autocast has nothing to cast), taken over the envelope's ops."""
+        (b1, b2) = BATCHES
+        return max(max(0.0, p[0] + (p[1] - p[0]) * (batch - b1) / (b2 - b1) - p[2])
+                   for p in self.train_envelope) * block_share
+
     def activation_bytes(self, batch: float, block_share: float = 1.0) -> float:
         return self.train_peak(batch, block_share)[0]
 
@@ -117,7 +125,7 @@ def store(m: Measurement, path: Path | None = None) -> None:
     data = _load(path)
     data[m.key.text()] = asdict(m)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one run may store at once
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
 

@@ -47,6 +47,14 @@ class StageSetup:
     head_peak_bytes: tuple[int, int]  # head + loss step at BATCHES, measured
     head_copy_bytes: int
     grad_clip_norm: float = 0.0  # > 0: clip_grad_norm_ after the scaler unscales
+    # What FSDP's terms need (guie.plan.parallel): the largest transformer block's parameters
+    # (one FSDP unit), the root unit's (stem, final norm, projection, head), the class centres'
+    # (their own fp32 unit), the accumulation window and whether it reduce-scatters each step.
+    block_params: int = 0
+    root_params: int = 0
+    centres_params: int = 0
+    grad_accum: int = 1
+    fsdp_reduce_every_micro_step: bool = True
 
 
 def _line(points: tuple[int, ...], batch: float) -> float:
@@ -102,16 +110,21 @@ def cache_pass_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None
                        f"{m.measured_on})")]
 
 
-def peak_gib(terms: list[MemoryTerm], s: StageSetup, gpu: GpuFacts, training: bool = True
-             ) -> tuple[float, list[MemoryTerm]]:
-    """(peak GiB per device, the estimated overheads added to `terms`)."""
+# The terms that live only during forward and backward: gone when the optimizer steps.
+TRANSIENT = ("activations", "autocast weight copies", "head + loss activations",
+             "unsharded blocks in flight", "root + class centres unsharded")
+
+
+def peak_gib(terms: list[MemoryTerm], s: StageSetup, gpu: GpuFacts, training: bool = True,
+             shards: int = 1) -> tuple[float, list[MemoryTerm]]:
+    """(peak GiB per device, the estimated overheads added to `terms`). `shards`: the ranks
+    the optimizer state is split over (FSDP), 1 where each holds all of it."""
     allocated = sum(t.gib for t in terms)
     if training:
-        # foreach AdamW materialises sqrt(exp_avg_sq) for every trained tensor at once; the
-        # activations are freed by then.
-        live = sum(t.gib for t in terms if t.name in ("activations", "autocast weight copies",
-                                                        "head + loss activations"))
-        step_temp = s.params_trained * FP32 / GIB
+        # foreach AdamW materialises sqrt(exp_avg_sq) for every trained tensor (or shard) at
+        # once; the activations are freed by then.
+        live = sum(t.gib for t in terms if t.name in TRANSIENT)
+        step_temp = s.params_trained * FP32 / shards / GIB
         allocated += max(0.0, step_temp - live)
     extra = [MemoryTerm("allocator rounding", allocated * gpus.ALLOCATOR_OVERHEAD, "estimate",
                         gpus.ALLOCATOR_NOTE),
@@ -127,16 +140,18 @@ def stage_peak_gib(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> fl
     return peak
 
 
-def max_batch(s: StageSetup, gpu: GpuFacts, limit_gib: float, cap: int = 1 << 16) -> int:
-    """The largest per-device batch whose peak fits `limit_gib` (0: not even one image)."""
-    if stage_peak_gib(s, gpu, 1) > limit_gib:
+def max_batch(s: StageSetup, gpu: GpuFacts, limit_gib: float, cap: int = 1 << 16,
+              peak=stage_peak_gib) -> int:
+    """The largest per-device batch whose `peak(s, gpu, batch)` fits `limit_gib` (0: not even
+    one image)."""
+    if peak(s, gpu, 1) > limit_gib:
         return 0
     lo, hi = 1, cap
-    if stage_peak_gib(s, gpu, hi) <= limit_gib:
+    if peak(s, gpu, hi) <= limit_gib:
         return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if stage_peak_gib(s, gpu, mid) <= limit_gib else (lo, mid)
+        lo, hi = (mid, hi) if peak(s, gpu, mid) <= limit_gib else (lo, mid)
     return lo
 
 
