@@ -59,13 +59,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from guie.kaggle.probe_record import account_facts
+    from guie.kaggle.probe_record import account_facts, pinned_source
 
     warnings = check_machine_shape(args.machine_shape)
     client, owner, secrets = secrets_and_owner(args)
-    # A CPU session first (no GPU quota), only to be an older version whose record the real
-    # probe's status reads back by label (guie.kaggle.probe_record).
-    plans = {"probe_label": plan_probe(owner, None), "probe": plan_probe(owner, args.machine_shape)}
+    state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
+    # A CPU session first (no GPU quota), to be an older version whose record the real probe's
+    # status reads back by label, with the source dataset attached at its previous version
+    # (owner/slug/N) to see which version Kaggle mounts (guie.kaggle.probe_record).
+    pinned = pinned_source(state)
+    attach = [f"{pinned['ref']}/{pinned['version']}"] if pinned else []
+    plans = {"probe_label": plan_probe(owner, None, attach),
+             "probe": plan_probe(owner, args.machine_shape)}
     for line in warnings:
         print(line)
     folders = {}
@@ -80,7 +85,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
             list_folder(f"kernel {plan.ref} ({key})", folders[key],
                         {"kernel-metadata.json": plan.metadata})
         return 0
-    state = json.loads(state_path(args).read_text()) if state_path(args).exists() else {}
     state.setdefault("kernels", {})
     for key, plan in plans.items():
         result = client.push_kernel(folders[key])
@@ -88,6 +92,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
                       "nonce": plan.parameters["push_nonce"]}
         print(f"kernel {result.ref} version {result.version}: {result.url}")
     state["probe"].update(machine_shape=args.machine_shape, account=account_facts(client))
+    state["probe_label"]["pinned"] = pinned
+    if pinned is None:
+        print("probe: pinned inputs not checked (the source dataset needs two versions: push "
+              "twice first)")
     save_state(args, state)
     print(f"next: `submit.py status --wait` brings back {PROBE_OUTPUT} as "
           f"{Path(args.workdir) / PLATFORM_RECORD}")
@@ -95,7 +103,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from guie.kaggle.probe_record import settle_version_label, write_platform_record
+    from guie.kaggle.probe_record import (check_pinned_input, settle_version_label,
+                                          write_platform_record)
     from guie.kaggle.sessions import wait_for_push
 
     state = load_state(args)
@@ -127,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"--- last {args.log_lines} log lines of {ref} ---\n{tail}")
             record = next((f for f in output.files if f.name == PROBE_OUTPUT), None)
             if kind == "probe" and record is not None and session.ours:
-                label = None
+                label = pinned = None
                 if "probe_label" in state:
                     older = state["probe_label"]
                     client.wait_kernel(older["ref"], poll_s=args.poll_s,
@@ -136,7 +145,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(f"probe: kernel versions are read with label format {label['format']}"
                           if label["format"] else "probe: Kaggle honours no version label "
                           f"format ({label['tried']}); the push nonce tells sessions apart")
-                target = write_platform_record(record, Path(args.workdir), info, label)
+                    if older.get("pinned"):
+                        pinned = check_pinned_input(client, ref, older)
+                        print(f"probe: {pinned['attached']} attached: Kaggle mounted "
+                              + ("that version" if pinned["honoured"] else
+                                 f"another ({pinned['mounted']})"))
+                target = write_platform_record(record, Path(args.workdir), info, label, pinned)
                 print(f"probe: Kaggle's platform recorded in {target}; push uses it from now on")
         if status.failure_message:
             print(f"{kind:6s} failure: {status.failure_message}")

@@ -28,9 +28,11 @@ def nonce_of(body: dict) -> str:
     return namespace["push_nonce"]
 
 
-def answer_probe(fake, tmp_path: Path, python: str = "3.12.4", gpus: int = 2) -> None:
+def answer_probe(fake, tmp_path: Path, python: str = "3.12.4", gpus: int = 2,
+                 mounted: dict[str, bytes] | None = None) -> None:
     """Kaggle's side: each pushed probe version ran and recorded itself (this machine's real
-    record, as if it had Kaggle's Python and `gpus` T4s), echoing its push's nonce."""
+    record, as if it had Kaggle's Python and `gpus` T4s), echoing its push's nonce; the CPU
+    version saw the source dataset files `mounted` (the version Kaggle chose to mount)."""
     from guie.kaggle.probe import record_platform
 
     (tmp_path / "input" / "datasets").mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,10 @@ def answer_probe(fake, tmp_path: Path, python: str = "3.12.4", gpus: int = 2) ->
         record = record_platform(str(out), str(tmp_path / "input"), nonce_of(body), smoke=False)
         record["python"] = python
         record["packages"]["timm"] = "1.0.9"  # older than open_clip 3.3.0 needs
+        if mounted is not None and not body.get("machineShape"):
+            record["input_markers"] = [{
+                "path": "datasets/fake-user/guie-kit-src/guie-source.json",
+                "content": json.loads(mounted["guie-source.json"])}]
         if body.get("machineShape"):  # the GPU session
             t4 = {"name": "Tesla T4", "total_memory": 15828320256, "memory_gib": 14.74,
                   "allocatable_gib": 14.74, "capability": "7.5"}
@@ -104,6 +110,43 @@ def test_probe_finds_the_label_format_kaggle_honours(fake_kaggle, workdir, tmp_p
     capsys.readouterr()
     assert cli("status", "--workdir", workdir) == 0  # from now on reads say `2`, not `v2`
     assert fake_kaggle.rpc_calls("GetKernelSessionStatus")[-1]["versionLabel"] == "2"
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+def test_probe_checks_which_version_a_pinned_dataset_mounts(fake_kaggle, workdir, wheelhouse,
+                                                            tmp_path, honoured):
+    assert cli("push", "--workdir", workdir, "--wheels-from", str(wheelhouse), "--poll-s", "0",
+               "--kernels", "train", SOURCES) == 0
+    src = f"{USERNAME}/guie-kit-src"
+    fake_kaggle.add_dataset(src, {"guie-source.json": b'{"hash": "the-second-version"}'})
+    state_file = Path(workdir) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["source"]["version"] = 2  # as a later push leaves it
+    state_file.write_text(json.dumps(state))
+    assert cli("probe", "--workdir", workdir) == 0
+    cpu = [b for b in fake_kaggle.rpc_calls("SaveKernel") if b["slug"] == PROBE][0]
+    assert cpu["datasetDataSources"] == [f"{src}/1"]  # the previous version, pinned
+    versions = fake_kaggle.datasets[src].versions
+    assert len(fake_kaggle.kernels[PROBE].versions) == 2
+    answer_probe(_only_probe(fake_kaggle), tmp_path, mounted=versions[0 if honoured else 1])
+    assert cli("status", "--wait", "--workdir", workdir, "--poll-s", "0") == 0
+    pinned = json.loads((Path(workdir) / "platform.json").read_text())["pinned_inputs"]
+    assert pinned["attached"] == f"{src}/1" and pinned["honoured"] is honoured
+    assert pinned["expected_hash"] == json.loads(versions[0]["guie-source.json"])["hash"]
+
+
+class _only_probe:
+    """The fake seen through its probe kernel's pushes only (the tests' answer_probe numbers
+    versions by SaveKernel order)."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def rpc_calls(self, method: str) -> list[dict]:
+        return [b for b in self.fake.rpc_calls(method) if b.get("slug") == PROBE]
+
+    def add_kernel_run(self, *args, **kwargs) -> None:
+        self.fake.add_kernel_run(*args, **kwargs)
 
 
 def test_the_two_gpu_smoke_step_runs_under_torchrun_and_never_fails_the_probe():

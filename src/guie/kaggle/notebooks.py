@@ -298,13 +298,15 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
             "infer": KernelPlan("infer", refs["infer"], infer_params, infer_meta)}
 
 
-def plan_probe(owner: str, machine_shape: str | None = DEFAULT_MACHINE_SHAPE) -> KernelPlan:
-    """The probe kernel: no inputs attached, internet off, as the real kernels run; GPU on the
-    machine shape given, or a CPU session (no GPU quota) when it is None."""
+def plan_probe(owner: str, machine_shape: str | None = DEFAULT_MACHINE_SHAPE,
+               dataset_sources: Sequence[str] = ()) -> KernelPlan:
+    """The probe kernel: internet off, as the real kernels run; GPU on the machine shape given,
+    or a CPU session (no GPU quota) when it is None; `dataset_sources` attached (the CPU probe
+    attaches an older, pinned version of the source dataset, to see which version mounts)."""
     ref = f"{owner}/{slugify_title(kernel_title('probe', 'platform'))}"
     meta = kernel_metadata(ref, kernel_title("probe", "platform"), "probe.ipynb",
                            enable_gpu=machine_shape is not None, enable_internet=False,
-                           dataset_sources=[], machine_shape=machine_shape)
+                           dataset_sources=list(dataset_sources), machine_shape=machine_shape)
     if machine_shape is None:
         del meta["machine_shape"]  # not sent: Kaggle's default CPU session
     return KernelPlan("probe", ref, {"input_root": KAGGLE_INPUT, "out_dir": KAGGLE_WORKING,

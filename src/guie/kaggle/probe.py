@@ -64,6 +64,33 @@ def mount_layout(input_root: str) -> dict:
     return {"layout": layout, "top_level": top, "listing": listing}
 
 
+MARKERS = ("guie-source.json", "guie-wheels.json")  # what the kit writes into its datasets
+
+
+def input_markers(input_root: str, depth: int = 4) -> list[dict]:
+    """The kit's marker files under the input root (where each attached dataset of the kit is
+    mounted, and which version: the source marker holds its content hash)."""
+    root, found, level = Path(input_root), [], [Path(input_root)]
+    for _ in range(depth):
+        following = []
+        for folder in level:
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir():
+                    following.append(entry)
+                elif entry.name in MARKERS:
+                    try:
+                        content = json.loads(entry.read_text())
+                    except (OSError, ValueError):
+                        content = None
+                    found.append({"path": entry.relative_to(root).as_posix(), "content": content})
+        level = following
+    return found
+
+
 def gpu_facts() -> dict:
     try:
         import torch
@@ -179,6 +206,7 @@ def record_platform(out_dir: str, input_root: str = "/kaggle/input", push_nonce:
         "python": platform.python_version(),
         "executable": sys.executable,
         **mount_layout(input_root),
+        "input_markers": input_markers(input_root),
         "packages": {name: _version(name) for name in PACKAGES},
         "importable": {name: _importable(name) for name in MODULES},
         "gpu": gpu,

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from guie.kaggle.inputs import SOURCE_MARKER
 from guie.kaggle.platform import PLATFORM_RECORD
 from guie.kaggle.probe import PROBE_OUTPUT
 from guie.kaggle.results import KaggleError
@@ -63,14 +64,44 @@ def settle_version_label(client, ref: str, older: dict) -> dict:
             "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def pinned_source(state: dict) -> dict | None:
+    """{"ref", "version"}: the source dataset's version before the current one, for the CPU
+    probe to attach pinned (None when there is only one version: push twice first)."""
+    source = state.get("source") or {}
+    if not source.get("ref") or int(source.get("version") or 0) < 2:
+        return None
+    return {"ref": source["ref"], "version": int(source["version"]) - 1}
+
+
+def check_pinned_input(client, ref: str, older: dict) -> dict:
+    """Did Kaggle mount the pinned (older) source version the CPU probe attached? Its record
+    lists the kit's markers it found; the older version's own marker says which hash to expect."""
+    pinned = older["pinned"]
+    with tempfile.TemporaryDirectory() as folder:
+        client.download_kernel_output(ref, Path(folder), only=[PROBE_OUTPUT],
+                                      version=older["version"])
+        record = json.loads((Path(folder) / PROBE_OUTPUT).read_text())
+        expected_dir = Path(folder) / "expected"
+        expected_dir.mkdir()
+        marker, _ = client.download_dataset_file(pinned["ref"], pinned["version"], SOURCE_MARKER,
+                                                 expected_dir)
+        expected = json.loads(Path(marker).read_text()).get("hash")
+    seen = [m for m in record.get("input_markers", []) if m["path"].endswith(SOURCE_MARKER)]
+    hashes = [(m.get("content") or {}).get("hash") for m in seen]
+    return {"attached": f"{pinned['ref']}/{pinned['version']}", "expected_hash": expected,
+            "mounted": seen, "honoured": bool(hashes) and all(h == expected for h in hashes)}
+
+
 def write_platform_record(record_file: Path, workdir: Path, probe: dict,
-                          label: dict | None) -> Path:
+                          label: dict | None, pinned: dict | None = None) -> Path:
     """<workdir>/platform.json: the kernel's record, the machine shape it ran on, the account
     facts from push time and the version-label finding."""
     record = json.loads(Path(record_file).read_text())
     record.update(machine_shape=probe.get("machine_shape"), **probe.get("account", {}))
     if label is not None:
         record["version_label"] = label
+    if pinned is not None:
+        record["pinned_inputs"] = pinned
     target = Path(workdir) / PLATFORM_RECORD
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
