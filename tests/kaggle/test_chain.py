@@ -148,7 +148,7 @@ def test_the_quota_kaggle_reports_stops_the_chain_before_a_session_it_cannot_hol
     workdir = tmp_path / "work"
     assert main(run_args(workdir, wheelhouse)) == 3
     out = capsys.readouterr().out
-    assert "GPU quota: 0.10 h of GPU quota left" in out
+    assert "GPU quota: 0.10 h left (0.30 h allowed this week" in out
     assert "stopped before session 2: GPU quota: 0.10 h left" in out
     assert saved(fake, TRAIN[0]) == 1 and saved(fake, TRAIN[1]) == 0
     assert fake.rpc_calls("CreateCodeSubmission") == []

@@ -100,7 +100,7 @@ def test_the_gpu_quota_as_kaggle_reports_it(client, fake_kaggle):
     assert (quota.total_h, quota.used_h, quota.reserved_h, quota.minimum_h) == (
         31.5, 12.25, 1.0, 30.0)
     assert quota.remaining_h == pytest.approx(18.25) and quota.refresh_at is not None
-    assert "18.25 h of GPU quota left" in quota.describe()
+    assert quota.describe().startswith("18.25 h left (31.50 h allowed")
 
 
 # ----------------------------------------------------------------------------- push --wait
@@ -193,7 +193,7 @@ def test_dry_runs_show_the_gate_without_enforcing_it(fake_kaggle, workdir, wheel
     assert "preflight: would refuse: stage2 needs" in out and "GPU quota: 1.00 h left" in out
     assert cli("run", "--workdir", workdir, "--dry-run", SOURCES) == 0
     out = capsys.readouterr().out
-    assert "GPU quota: 1.00 h of GPU quota left" in out and "preflight: would refuse" in out
+    assert "GPU quota: 1.00 h left (30.00 h allowed this week" in out and "preflight: would refuse" in out
     assert {name for name, _ in fake_kaggle.calls} == {"GetAcceleratorQuotaStatistics"}
 
 

@@ -40,7 +40,7 @@ class Quota:
 
     def describe(self) -> str:
         refresh = f", refreshes {self.refresh_at:%Y-%m-%d %H:%M} UTC" if self.refresh_at else ""
-        return (f"{self.remaining_h:.2f} h of GPU quota left ({self.total_h:.2f} h allowed this "
+        return (f"{self.remaining_h:.2f} h left ({self.total_h:.2f} h allowed this "
                 f"week, {self.used_h:.2f} h used, {self.reserved_h:.2f} h reserved by running "
                 f"sessions{refresh}; from Kaggle)")
 
