@@ -64,7 +64,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(line)
     bound = (preflight.session_bound_h(args.max_hours) if "train" in chosen
              else preflight.INFER_SESSION_H + preflight.SETUP_ALLOWANCE_H)
-    preflight_gate(args, cfg, client, bound)  # before anything is sent
+    preflight_gate(args, cfg, client, bound, "train" in chosen)  # before anything is sent
     requirements = list(packaging.WHEEL_REQUIREMENTS)
 
     if args.dry_run:

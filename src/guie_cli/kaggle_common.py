@@ -142,10 +142,12 @@ def read_quota(client, args: argparse.Namespace):
     return client.quota()
 
 
-def preflight_gate(args: argparse.Namespace, cfg, client, bound_h: float) -> None:
+def preflight_gate(args: argparse.Namespace, cfg, client, bound_h: float,
+                   trains: bool = True) -> None:
     """`push` and `run`: PreflightRefused (exit 2) before anything is sent, unless
-    --skip-preflight; a dry run prints the verdict instead. The memory half is judged first,
-    so that a plan that cannot fit is refused before any request (the quota read included)."""
+    --skip-preflight; a dry run prints the verdict instead. The memory half (judged only where
+    training is pushed: `trains`) comes first, so that a plan that cannot fit is refused before
+    any request (the quota read included)."""
     from guie.kaggle import preflight
 
     if args.skip_preflight:
@@ -153,7 +155,7 @@ def preflight_gate(args: argparse.Namespace, cfg, client, bound_h: float) -> Non
             print(line)
         print(f"preflight: skipped ({preflight.SKIP_FLAG})")
         return
-    refusals = preflight.memory_refusals(cfg, args.machine_shape, args.workdir)
+    refusals = preflight.memory_refusals(cfg, args.machine_shape, args.workdir) if trains else []
     if refusals and not args.dry_run:
         preflight.refuse(args.machine_shape, refusals)
     quota = read_quota(client, args)
@@ -165,8 +167,9 @@ def preflight_gate(args: argparse.Namespace, cfg, client, bound_h: float) -> Non
     if refusals:
         print(f"preflight: would refuse: {'; '.join(refusals)}")
     else:
-        print(f"preflight: the plan fits {args.machine_shape} and the quota left can finish a "
-              f"session of up to {bound_h:.2f} h (from push to end)")
+        plan = f"the plan fits {args.machine_shape} and " if trains else ""
+        print(f"preflight: {plan}the quota left can finish a session of up to {bound_h:.2f} h "
+              "(from push to end)")
 
 
 # ----------------------------------------------------------------------------- dry-run notes
