@@ -67,11 +67,11 @@ def test_memory_terms_say_what_they_are():
     kinds = {t.name: t.kind for t in sp.terms}
     assert kinds["weights"] == kinds["gradients"] == kinds["optimizer state"] == "counted"
     assert kinds["activations"] == kinds["autocast weight copies"] == "measured"
-    assert kinds["DDP (NCCL buffers)"] == "estimate"  # 2xT4 trains stage 2 under DDP
+    assert kinds["NCCL buffers"] == "estimate"  # 2xT4 trains stage 2 under DDP
     assert kinds["CUDA context + cuBLAS workspace"] == kinds["allocator rounding"] == "estimate"
     assert sp.gpu_memory_gib == pytest.approx(sum(t.gib for t in sp.terms), rel=0.05)
     single = plan_stage(cfg, cfg.stage("stage2"), MACHINE_SHAPES["NvidiaL4"], 600, 0, 11.0)
-    assert "DDP (NCCL buffers)" not in {t.name for t in single.terms}
+    assert "NCCL buffers" not in {t.name for t in single.terms}
 
 
 def test_ddp_adds_no_second_gradient_copy():
@@ -84,8 +84,8 @@ def test_ddp_adds_no_second_gradient_copy():
     one = plan_stage(cfg, cfg.stage("stage2"), replace(MACHINE_SHAPES["NvidiaTeslaT4"], gpus=1),
                      600, 0, 11.0)
     extra = {t.name: t.gib for t in two.terms}.keys() - {t.name for t in one.terms}
-    assert extra == {"DDP (NCCL buffers)"}
-    assert sum(t.gib for t in two.terms if t.name == "DDP (NCCL buffers)") == gpus.NCCL_GIB
+    assert extra == {"NCCL buffers"}
+    assert sum(t.gib for t in two.terms if t.name == "NCCL buffers") == gpus.NCCL_GIB
 
 
 def test_the_limit_is_what_pytorch_can_allocate_and_says_so(tmp_path):

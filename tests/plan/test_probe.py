@@ -36,11 +36,17 @@ def allocator_peak_bytes(module: torch.nn.Module, images: torch.Tensor, amp: str
     the predictor: the step's activations alone)."""
     hooks = probe.drop_grads_as_they_arrive([p for p in module.parameters() if p.requires_grad])
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            probe.train_step(module, images, amp, "fused")
+        return allocator_peak_bytes_of(lambda: probe.train_step(module, images, amp, "fused"))
     finally:
         for h in hooks:
             h.remove()
+
+
+def allocator_peak_bytes_of(step) -> int:
+    """Peak of the CPU allocator's live bytes on this thread while `step()` runs, counted from
+    what was live when it began."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0

@@ -77,7 +77,7 @@ def training_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> li
                    "AdamW exp_avg + exp_avg_sq, fp32" + (" + EMA copy" if s.ema else "")),
     ]
     if s.world > 1:
-        terms.append(MemoryTerm("DDP (NCCL buffers)", gpus.NCCL_GIB, "estimate", gpus.DDP_NOTE))
+        terms.append(MemoryTerm("NCCL buffers", gpus.NCCL_GIB, "estimate", gpus.DDP_NOTE))
     if s.backbone is not None:
         act, copies = s.backbone.train_peak(batch, s.block_share)
         terms.append(MemoryTerm(

@@ -49,7 +49,7 @@ def fsdp_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> list[M
     w, low = s.world, amp_bytes(s.amp)
     trained = s.params_trained * FP32
     terms = [
-        MemoryTerm("plain model (full fp32, for evaluation)", s.params_total * FP32 / GIB,
+        MemoryTerm("plain model, fp32 (evaluation)", s.params_total * FP32 / GIB,
                    "counted", "guie.train.step keeps the unsharded model + centres on the "
                    "device beside the shards: evaluation points, select_by and final.pt read it"),
         MemoryTerm("weights", s.params_total * FP32 / w / GIB, "counted",
@@ -100,7 +100,7 @@ def fsdp_peak_gib(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> flo
 def fsdp_transient_bytes(s: StageSetup, batch: int) -> float:
     """Peak minus the state (plain model, shards, NCCL): what one rank's forward and backward
     add, as the CPU allocator sees it (no GPU-side rounding or context)."""
-    state = ("plain model (full fp32, for evaluation)", "weights", "gradients",
+    state = ("plain model, fp32 (evaluation)", "weights", "gradients",
              "optimizer state", "NCCL buffers")
     return sum(t.gib for t in fsdp_terms(s, gpus.GPUS["T4"], batch) if t.name not in state) * GIB
 
@@ -162,8 +162,9 @@ def decide(wanted: str, world: int, from_cache: bool, ddp_gib: float, fsdp_gib: 
         return Choice(DDP, f"auto: DDP fits with {spare:.2f} GiB to spare (>= "
                            f"{HEADROOM_FRACTION:.0%} of {limit_gib:g}) and is never slower")
     if fsdp_gib is not None and fsdp_gib <= limit_gib:
-        return Choice(FSDP, f"auto: DDP would leave {spare:.2f} GiB (< {need:.2f}); FSDP fits "
-                            f"at {fsdp_gib:.2f} GiB")
+        return Choice(FSDP, f"auto: DDP needs {ddp_gib:.2f} GiB, above {limit_gib - need:.2f} "
+                            f"(the limit less {HEADROOM_FRACTION:.0%}); FSDP fits at "
+                            f"{fsdp_gib:.2f} GiB")
     return Choice(DDP, "auto: neither fits; DDP's shortfall is reported")
 
 

@@ -21,8 +21,11 @@ def format_plan(plan: Plan) -> str:
                      f"{s.max_batch}" + (f" ({s.max_batch_other_checkpointing} with checkpointing "
                                          f"{'off' if s.checkpointing else 'on'})"
                                          if s.max_batch_other_checkpointing else ""))
-        for t in s.terms:
-            lines.append(f"  {t.name:34s} {t.gib:7.2f} GiB  [{t.kind}] {t.basis}")
+        if s.fsdp_terms:
+            lines += _two_columns(s)
+        else:
+            for t in s.terms:
+                lines.append(f"  {t.name:34s} {t.gib:7.2f} GiB  [{t.kind}] {t.basis}")
         if s.activations_gib_other_checkpointing is not None:
             other = "activations, checkpointing " + ("off" if s.checkpointing else "on")
             lines.append(f"  {other:34s}"
@@ -34,6 +37,10 @@ def format_plan(plan: Plan) -> str:
                      f"session(s) of {plan.max_hours:g} h")
         for label, epochs, hours in s.readings:
             lines.append(f"  length read as {label}: {epochs:g} epochs, {hours:.2f} h [estimate]")
+        if s.fsdp_terms:
+            lines.append(f"  FSDP time: {s.fsdp_hours:.2f} h [estimate] ({s.comm_basis})")
+        if s.parallel:
+            lines.append(f"  parallel: {s.parallel} ({s.parallel_reason})")
         if s.fix:
             lines.append(f"  fix: {shell_words(s.fix)}  ({s.fix_note})")
         elif s.fix_note:
@@ -59,6 +66,25 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _two_columns(s) -> list[str]:
+    """DDP's and FSDP's terms side by side, one row per term (the basis of the column where
+    the term is its own, FSDP's where both have it and differ)."""
+    ddp = {t.name: t for t in s.terms}
+    fsdp = {t.name: t for t in s.fsdp_terms}
+    names = list(ddp) + [n for n in fsdp if n not in ddp]
+    tail = ("allocator rounding", "CUDA context + cuBLAS workspace")
+    names = [n for n in names if n not in tail] + [n for n in tail if n in names]
+    lines = [f"  {'per GPU':34s} {'DDP':>9s}  {'FSDP':>9s}"]
+    for name in names:
+        d, f = ddp.get(name), fsdp.get(name)
+        shown = f if f is not None and (d is None or f.basis != d.basis) else d
+        cells = [f"{t.gib:6.2f} GiB" if t is not None else f"{'-':>9s}" for t in (d, f)]
+        lines.append(f"  {name:34s} {cells[0]}  {cells[1]}  [{shown.kind}] {shown.basis}")
+    lines.append(f"  {'peak':34s} {s.ddp_gib:6.2f} GiB  {s.fsdp_gib:6.2f} GiB  "
+                 f"(limit {s.gpu_memory_limit_gib:g})")
+    return lines
+
+
 def plan_json(plan: Plan) -> dict:
     return {
         "config": plan.config, "machine_shape": plan.machine_shape,
@@ -75,6 +101,12 @@ def plan_json(plan: Plan) -> dict:
                     "fix": list(s.fix), "fix_note": s.fix_note,
                     "epoch_readings": [{"reading": label, "epochs": e, "hours": round(h, 3)}
                                        for label, e, h in s.readings],
+                    "parallel": s.parallel, "parallel_reason": s.parallel_reason,
+                    "ddp_gib": round(s.ddp_gib, 3),
+                    "fsdp_gib": None if s.fsdp_gib is None else round(s.fsdp_gib, 3),
+                    "fsdp_hours": round(s.fsdp_hours, 3),
+                    "fsdp_terms": [{"name": t.name, "gib": round(t.gib, 4), "kind": t.kind,
+                                    "basis": t.basis} for t in s.fsdp_terms],
                     "terms": [{"name": t.name, "gib": round(t.gib, 4), "kind": t.kind,
                                "basis": t.basis} for t in s.terms]}
                    for s in plan.stages],
