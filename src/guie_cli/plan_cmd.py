@@ -31,8 +31,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="before a Kaggle run: memory per GPU, hours, sessions, quota, output size",
         description="For each stage of a config on a Kaggle machine: GPU memory per device term "
-                    "by term (counted, measured on this CPU with the real model, or estimated), "
-                    "the largest batch that fits, hours, sessions of --max-hours and the share "
+                    "by term (counted, measured on this CPU with the real model, or estimated) "
+                    "against what PyTorch can allocate there, DDP and FSDP side by side on "
+                    "several GPUs with the parallelism `auto` picks, the largest batch that "
+                    "fits, hours (both readings of a recipe's epochs where it states them), "
+                    "sessions of --max-hours and the share "
                     "of the weekly GPU quota, the training output against the 20 GB cap, the "
                     "submission.zip size, and for a stage that does not fit the KEY=VALUE "
                     "override that makes it fit. A backbone measured for the first time takes "
