@@ -58,3 +58,11 @@ def test_sessions_pack_stages_back_to_back():
     assert timing.sessions_needed([0.5, 11.0], 11.0) == 2
     assert timing.sessions_needed([23.0], 11.0) == 3
     assert timing.sessions_needed([], 11.0) == 0
+
+
+def test_every_gpu_shape_the_plan_offers_has_its_facts():
+    """`submit.py plan --machine-shape` offers every GPU shape of guie.kaggle.platform."""
+    from guie.kaggle.platform import MACHINE_SHAPES
+
+    missing = [n for n, s in MACHINE_SHAPES.items() if s.gpus and gpus.gpu_of(s) is None]
+    assert not missing

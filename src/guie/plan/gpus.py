@@ -68,6 +68,21 @@ GPUS = {
         "(field guide section 7)", "flash",
         "H100 (sm90): flash attention (no attention matrix saved), as measured on the CPU", 0.5,
         _CONTEXT_NOTE),
+    # Measured fp16 matmul peaks (field guide section 7): A100 248-259 TFLOP/s, H100 ~760: an
+    # A100 taken as an H100 x 250/760 (both data-centre cards, utilisation assumed alike).
+    "A100": GpuFacts(
+        "A100", 1100 * 250 / 760 * _VIT_H_FLOP / 1e12, 275 * 250 / 760 * 3 * _VIT_H_FLOP / 1e12,
+        "estimate: an H100's ~1,100 img/s inference and ~275 img/s fine-tune x 250/760 (measured "
+        "fp16 matmul peaks, field guide section 7)", "flash",
+        "A100 (sm80): flash attention (no attention matrix saved), as measured on the CPU", 0.5,
+        _CONTEXT_NOTE),
+    "RTX PRO 6000": GpuFacts(
+        "RTX PRO 6000", 598 * _VIT_H_FLOP / 1e12,
+        598 * estimates.TRAIN_VS_INFERENCE * 3 * _VIT_H_FLOP / 1e12,
+        "estimate: the published 598 img/s ViT-H-14 inference (timm, bf16, compiled; field guide "
+        "section 7), training at 1/4.5 of it (guie.plan.estimates)", "flash",
+        "RTX PRO 6000 (sm120): a fused attention kernel (no attention matrix saved), as measured "
+        "on the CPU", 0.5, _CONTEXT_NOTE),
 }
 
 # DDP (the kit's torchrun path on 2xT4): guie.train.step builds DistributedDataParallel with
