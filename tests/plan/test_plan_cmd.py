@@ -25,6 +25,19 @@ def test_plan_prints_every_stage_and_writes_json(tmp_path, capsys):
     for stage in data["stages"]:
         assert REQUIRED_STAGE_KEYS <= set(stage)
         assert stage["gpu_memory_limit_gib"] == 22.5
+    assert data["memory_limit"]["kind"] == "datasheet"  # no allocatable figure for an L4 yet
+
+
+def test_two_gpus_show_ddp_and_fsdp_side_by_side_and_autos_pick(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", "smoke", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GPU memory limit: 14.56 GiB per GPU" in text  # a T4: what PyTorch can allocate
+    assert "DDP       FSDP" in text and "parallel: ddp (auto: DDP fits" in text
+    stage2 = json.loads(out.read_text())["stages"][1]
+    assert stage2["parallel"] == "ddp" and stage2["fsdp_gib"] < stage2["ddp_gib"]
+    assert {t["name"] for t in stage2["fsdp_terms"]} >= {"unsharded blocks in flight",
+                                                          "plain model, fp32 (evaluation)"}
 
 
 def test_a_stage_that_does_not_fit_exits_1_and_prints_the_fix(capsys):

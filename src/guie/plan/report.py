@@ -119,4 +119,7 @@ def plan_json(plan: Plan) -> dict:
         "throughput_source": plan.rate_source, "warnings": list(plan.warnings),
         "epoch_readings": [{"reading": label, "training_hours": round(h, 3)}
                            for label, h in plan.readings],
+        "memory_limit": None if plan.memory_limit is None else {
+            "gib": plan.memory_limit.gib, "source": plan.memory_limit.source,
+            "kind": plan.memory_limit.kind},
     }
