@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guie.config import ExperimentConfig, load_config, save_config
+from guie.errors import UserValueError
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 # Where the ranks record why they gave up (guie.train.dist.STATE_DIR_ENV; not imported from
@@ -73,10 +74,10 @@ class Rendezvous:
         if self.nnodes <= 1:
             return ["--standalone", f"--nproc_per_node={nproc}"]
         if not self.endpoint:
-            raise ValueError(f"{self.nnodes} machines need a rendezvous endpoint (host:port of "
-                             "machine 0): --rdzv-endpoint or GUIE_RDZV_ENDPOINT")
+            raise UserValueError(f"{self.nnodes} machines need a rendezvous endpoint (host:port of "
+                                 "machine 0): --rdzv-endpoint or GUIE_RDZV_ENDPOINT")
         if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node rank {self.node_rank} is outside 0..{self.nnodes - 1}")
+            raise UserValueError(f"node rank {self.node_rank} is outside 0..{self.nnodes - 1}")
         args = [f"--nnodes={self.nnodes}", f"--nproc_per_node={nproc}",
                 f"--rdzv_backend={self.backend}", f"--rdzv_endpoint={self.endpoint}",
                 f"--rdzv_id={self.run_id}"]
