@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from guie.config import TINY_BACKBONE, ExperimentConfig, StageConfig
 from guie.losses import build_loss
 from guie.model import build_model
+from guie.train.fsdp import resolve_parallel
 from guie.train.step import StageStep
 
 PER_RANK_BATCH = 2
@@ -42,6 +43,15 @@ SCENARIOS = {
     # first steps overflow, as the scaler calibrates): the injected inf is the only skip.
     "inf": {"stage": replace(STAGE, amp="fp16", grad_clip_norm=0.0), "inf_at": 2,
             "init_scale": 2.0**7},
+    # FSDP2: the same fp32 equality, reduce-scattering every micro-step or once per window
+    "fsdp": {"stage": replace(STAGE, parallel="fsdp"), "inf_at": None},
+    # (with activation checkpointing through the sharded blocks)
+    "fsdp_unsynced": {"stage": replace(STAGE, parallel="fsdp",
+                                       fsdp_reduce_every_micro_step=False), "inf_at": None,
+                      "grad_checkpointing": True},
+    # FSDP2 with fp16 parameters and the sharded grad scaler: rank 0's shard meets the inf
+    "fsdp_inf": {"stage": replace(STAGE, amp="fp16", grad_clip_norm=0.0, parallel="fsdp"),
+                 "inf_at": 2, "init_scale": 2.0**7},
 }
 
 
@@ -59,24 +69,32 @@ def micro_batch(b: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(images), torch.tensor(labels)
 
 
-def build(stage: StageConfig, world: int):
+def build(stage: StageConfig, world: int, grad_checkpointing: bool = False):
     base = ExperimentConfig()
     cfg = replace(base, preprocess=replace(base.preprocess, image_size=IMAGE_PX),
-                  model=replace(base.model, backbone=TINY_BACKBONE, dropout=0.0))
+                  model=replace(base.model, backbone=TINY_BACKBONE, dropout=0.0,
+                                grad_checkpointing=grad_checkpointing))
     model, _ = build_model(cfg)  # weights: a function of cfg.seed alone, the same on each rank
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         loss_fn = build_loss(cfg.loss, cfg.model.embed_dim, NUM_CLASSES)
     step = StageStep(model, loss_fn, stage, torch.device("cpu"), from_features=False,
-                     world=world, total_steps=OPTIMIZER_STEPS)
-    model.train()
+                     world=world, total_steps=OPTIMIZER_STEPS,
+                     parallel=resolve_parallel(stage, world, from_cache=False))
+    step.train_model.train()
     return model, loss_fn, step
 
 
-def named_trained(model, loss_fn) -> dict[str, torch.nn.Parameter]:
-    named = {f"model.{k}": p for k, p in model.named_parameters()}
-    named.update({f"loss.{k}": p for k, p in loss_fn.named_parameters()})
+def named_trained(step: StageStep) -> dict[str, torch.nn.Parameter]:
+    """The trained parameters by name (under FSDP the replica's DTensors)."""
+    named = {f"model.{k}": p for k, p in step.module.model.named_parameters()}
+    named.update({f"loss.{k}": p for k, p in step.module.loss_fn.named_parameters()})
     return {k: p for k, p in named.items() if p.requires_grad}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every rank calls it in the same order)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 def run_scenario(name: str, rank: int, world: int) -> dict:
@@ -85,15 +103,16 @@ def run_scenario(name: str, rank: int, world: int) -> dict:
     tensor and AdamW's moments; under DDP the micro-batches whose backward all-reduced."""
     spec = SCENARIOS[name]
     stage = spec["stage"]
-    model, loss_fn, step = build(stage, world)
-    if "init_scale" in spec:
-        step.scaler = torch.amp.GradScaler("cpu", init_scale=spec["init_scale"])
-    params = named_trained(model, loss_fn)
+    model, loss_fn, step = build(stage, world, spec.get("grad_checkpointing", False))
+    if "init_scale" in spec:  # the same kind of scaler, starting lower
+        step.scaler = type(step.scaler)("cpu", init_scale=spec["init_scale"])
+    params = named_trained(step)
     # (micro-batch, gradient elements) of every all-reduce DDP ran
-    record: dict = {"steps": [], "allreduces": [], "world": world,
-                    "trained_elements": sum(p.numel() for p in params.values())}
+    record: dict = {"steps": [], "allreduces": [], "world": world, "parallel": step.parallel,
+                    "trained_elements": sum(p.numel() for p in params.values()),
+                    "sharded": all(hasattr(p, "full_tensor") for p in params.values())}
     micro = {"b": -1}
-    if world > 1:
+    if step.parallel == "ddp":
         def counting_hook(state, bucket):
             record["allreduces"].append((micro["b"], bucket.buffer().numel()))
             return default_hooks.allreduce_hook(None, bucket)
@@ -103,7 +122,7 @@ def run_scenario(name: str, rank: int, world: int) -> dict:
     optimizer_step = step.optimizer.step
 
     def spying_step(*args, **kwargs):
-        seen_grads.update({k: p.grad.detach().clone() for k, p in params.items()})
+        seen_grads.update({k: full(p.grad) for k, p in params.items()})
         return optimizer_step(*args, **kwargs)
     step.optimizer.step = spying_step
 
@@ -112,7 +131,7 @@ def run_scenario(name: str, rank: int, world: int) -> dict:
         images, labels = micro_batch(b, rank, world)
         if spec["inf_at"] == b and rank == 0:
             images[0, 0, 0, 0] = float("inf")
-        before = {k: p.detach().clone() for k, p in params.items()}
+        before = {k: full(p) for k, p in params.items()}
         seen_grads.clear()
         step(b, images, None, labels, 0.3)
         if (b + 1) % stage.grad_accum == 0:
@@ -120,14 +139,17 @@ def run_scenario(name: str, rank: int, world: int) -> dict:
                 "grads": dict(seen_grads), "grad_norm": step.grad_norm,
                 "scale": step.scaler.get_scale() if step.scaler.is_enabled() else 1.0,
                 "skipped_steps": step.skipped_steps,
-                "changed": any(not torch.equal(before[k], p) for k, p in params.items())})
-    record["params"] = {k: p.detach().clone() for k, p in params.items()}
+                "changed": any(not torch.equal(before[k], full(p)) for k, p in params.items())})
+    record["params"] = {k: full(p) for k, p in params.items()}
     moments = {}
     for k, p in params.items():
         state = step.optimizer.state.get(p, {})
         if state:
-            moments[k] = (state["exp_avg"].clone(), state["exp_avg_sq"].clone())
+            moments[k] = (full(state["exp_avg"]), full(state["exp_avg_sq"]))
     record["moments"] = moments
+    # what the rest of the pipeline reads: the plain model after sync_weights
+    step.sync_weights()
+    record["plain"] = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     return record
 
 

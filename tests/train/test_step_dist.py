@@ -1,4 +1,4 @@
-"""The training step under DDP equals one big batch in one process (issue 22).
+"""The training step under DDP and FSDP2 equals one big batch in one process (issues 22, 24).
 
 One torchrun of two gloo CPU processes (tests/train/dist_step_worker.py) serves every test here;
 the one-process reference runs in this process over the same samples. fp32 tolerance: the two
@@ -57,8 +57,16 @@ def _assert_close(got: dict, want: dict, atol: float, rtol: float, what: str) ->
             f"{what} {key}: off by {(got[key] - value).abs().max().item():.3g}"
 
 
-def test_ddp_with_accumulation_and_clipping_equals_one_big_batch(two_ranks, one_process):
-    ranks, ref = two_ranks["equal"], one_process["equal"]
+@pytest.mark.parametrize("scenario", ["equal", "fsdp", "fsdp_unsynced"])
+def test_ddp_and_fsdp_with_accumulation_and_clipping_equal_one_big_batch(two_ranks, one_process,
+                                                                        scenario):
+    """DDP, FSDP2 reduce-scattering every micro-step, and FSDP2 once per window (with
+    activation checkpointing through the sharded blocks)."""
+    ranks, ref = two_ranks[scenario], one_process[scenario]
+    want_parallel = "ddp" if scenario == "equal" else "fsdp"
+    assert [r["parallel"] for r in ranks] == [want_parallel] * 2
+    # every trained parameter sharded under FSDP (DTensors), none under DDP
+    assert [r["sharded"] for r in ranks] == [want_parallel == "fsdp"] * 2
     assert len(ref["steps"]) == worker.OPTIMIZER_STEPS
     for rank in ranks:
         for i, (got, want) in enumerate(zip(rank["steps"], ref["steps"], strict=True)):
@@ -79,7 +87,9 @@ def test_ddp_with_accumulation_and_clipping_equals_one_big_batch(two_ranks, one_
         _assert_close({k: m[1] for k, m in rank["moments"].items()},
                       {k: m[1] for k, m in ref["moments"].items()}, atol=1e-12, rtol=1e-4,
                       what="exp_avg_sq")
-    # DDP keeps the ranks identical
+        # the plain model the pipeline reads holds the trained weights on every rank
+        _assert_close(rank["plain"], ref["plain"], atol=2e-5, rtol=0, what="plain")
+    # the ranks agree exactly
     _assert_close(ranks[1]["params"], ranks[0]["params"], atol=0, rtol=0, what="rank 1")
 
 
@@ -96,16 +106,19 @@ def test_one_gradient_allreduce_per_accumulation_window(two_ranks):
         assert sum(n for _, n in in_window) == record["trained_elements"], in_window
 
 
+@pytest.mark.parametrize("scenario", ["inf", "fsdp_inf"])
 def test_an_inf_on_one_rank_skips_the_step_on_every_rank_and_halves_the_scale(two_ranks,
-                                                                               one_process):
-    """fp16 autocast with the CPU grad scaler; rank 0's micro-batch 2 holds an inf."""
-    init_scale = worker.SCENARIOS["inf"]["init_scale"]
-    for record in [*two_ranks["inf"], one_process["inf"]]:
+                                                                               one_process,
+                                                                               scenario):
+    """fp16 autocast with the CPU grad scaler (under FSDP2 fp16 parameters and the sharded
+    scaler, whose inf check all ranks agree on); rank 0's micro-batch 2 holds an inf."""
+    init_scale = worker.SCENARIOS[scenario]["init_scale"]
+    for record in [*two_ranks[scenario], one_process[scenario]]:
         first, skipped, after = record["steps"]
         assert first["changed"] and first["skipped_steps"] == 0
         assert first["scale"] == init_scale
         assert not skipped["changed"], "a non-finite step changed the weights"
         assert skipped["skipped_steps"] == 1 and skipped["scale"] == init_scale / 2
         assert after["changed"] and after["skipped_steps"] == 1
-    ranks = two_ranks["inf"]
+    ranks = two_ranks[scenario]
     _assert_close(ranks[1]["params"], ranks[0]["params"], atol=0, rtol=0, what="rank 1")

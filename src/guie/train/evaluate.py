@@ -1,9 +1,16 @@
 """Held-out evaluation: queries of unseen classes against an index with distractors, mP@5; and
-the evaluation sources (`data.eval_sources`: GPR1200, your folders), each per domain."""
+the evaluation sources (`data.eval_sources`: GPR1200, your folders), each per domain.
+
+Under torchrun the evaluation is shared: every rank embeds a contiguous share of the images
+with the plain, full-weight model and the features are gathered on all ranks, which then score
+the same figures (so every rank keeps the same `select_by` point). No rank waits idle while
+another evaluates, and no rank runs the model alone while its peers wait in a collective.
+"""
 from __future__ import annotations
 
 import pandas as pd
 import torch
+import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from guie.benchmark import score_source
@@ -12,6 +19,7 @@ from guie.data.dataset import ImageDataset
 from guie.data.preprocess import Preprocess
 from guie.metrics import evaluate_embeddings
 from guie.model import EmbeddingModel
+from guie.train import dist
 from guie.train.features import compute_features
 
 
@@ -44,6 +52,35 @@ def _head_embeddings(model: EmbeddingModel, *features: torch.Tensor) -> list[tor
     return out
 
 
+def shared_features(model: EmbeddingModel, df: pd.DataFrame, transform, batch_size: int,
+                    num_workers: int, device: torch.device, desc: str):
+    """`compute_features` of `df`, each rank embedding a contiguous share; every rank gets
+    all rows (one collective under torchrun). A share without one readable image is not an
+    error on its own: all ranks fail together only where no share has any."""
+    world, rank = dist.world_size(), dist.rank()
+    if world == 1:
+        return compute_features(model, df, transform, batch_size, num_workers, device, desc)
+    lo, hi = rank * len(df) // world, (rank + 1) * len(df) // world
+    try:
+        part = compute_features(model, df.iloc[lo:hi], transform, batch_size, num_workers,
+                                device, desc) if hi > lo else None
+    except ValueError:  # every image of this share unreadable
+        part = None
+    parts: list = [None] * world
+    torch_dist.all_gather_object(parts, part)
+    dims = {p[0].shape[1] for p in parts if p is not None}
+    if not dims:
+        raise ValueError(f"{desc}: not one of {len(df)} images could be read")
+    (dim,) = dims
+    features = torch.zeros(len(df), dim)
+    valid = torch.zeros(len(df), dtype=torch.bool)
+    for r, p in enumerate(parts):
+        if p is not None:
+            r_lo, r_hi = r * len(df) // world, (r + 1) * len(df) // world
+            features[r_lo:r_hi], valid[r_lo:r_hi] = p
+    return features, valid
+
+
 class Evaluator:
     def __init__(self, query: pd.DataFrame, index: pd.DataFrame, preprocess: Preprocess,
                  batch_size: int, num_workers: int, device: torch.device,
@@ -63,10 +100,10 @@ class Evaluator:
 
     def backbone_features(self, model: EmbeddingModel):
         """The head's inputs for queries and index (`compute_features`)."""
-        q, q_ok = compute_features(model, self.query, self.transform, self.batch_size,
-                                   self.num_workers, self.device, "eval queries")
-        i, i_ok = compute_features(model, self.index, self.transform, self.batch_size,
-                                   self.num_workers, self.device, "eval index")
+        q, q_ok = shared_features(model, self.query, self.transform, self.batch_size,
+                                  self.num_workers, self.device, "eval queries")
+        i, i_ok = shared_features(model, self.index, self.transform, self.batch_size,
+                                  self.num_workers, self.device, "eval index")
         return q, q_ok, i, i_ok
 
     @torch.no_grad()
@@ -84,8 +121,8 @@ class Evaluator:
                          dropped: int, backbone_frozen: bool) -> dict:
         cached = self._frozen_source_features.get(name) if backbone_frozen else None
         if cached is None:
-            cached = compute_features(model, rows, self.transform, self.batch_size,
-                                      self.num_workers, self.device, f"eval {name}")
+            cached = shared_features(model, rows, self.transform, self.batch_size,
+                                     self.num_workers, self.device, f"eval {name}")
             if backbone_frozen:
                 self._frozen_source_features[name] = cached
         features, ok = cached

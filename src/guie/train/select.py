@@ -52,7 +52,9 @@ def select_best(best: dict | None, key: str, metrics: dict, total_batches: int,
     if best is None or final is None or final >= best["figure"]:
         return {**metrics, "selected": {"by": stage.select_by, "batch": total_batches,
                                         "figure": final}}
+    dist.barrier()  # every rank reads best.pt; rank 0 wrote it
     load_stage_state(model, loss_fn, load_checkpoint(stage_dir / BEST_WEIGHTS)["model"])
+    dist.barrier()  # ...and has read it before rank 0 deletes it (`finish_stage`)
     dist.say(f"{stage.name}: keeps batch {best['batch']} ({stage.select_by} mP@5 "
              f"{best['figure']:.4f} > {final:.4f} at the end)")
     return {**best["metrics"], "selected": {"by": stage.select_by, "batch": best["batch"],
