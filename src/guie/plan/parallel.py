@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+import torch
+
 from guie.plan import gpus
 from guie.plan.gpus import GIB, GpuFacts
 from guie.plan.memory import FP32, MemoryTerm, StageSetup, peak_gib
@@ -191,8 +193,11 @@ def choose_parallel(cfg, stage, world: int, machine, num_classes: int = 0) -> st
         limit = MemoryLimit(float(machine), "given", "measured")
     classes = num_classes or cfg.num_classes or cfg.data.sample_instances
     try:
-        sp = plan_stage(cfg, stage, shape, classes, 0, 1.0,
-                        measure_missing=small_backbone(cfg), limit=limit)
+        # The plan runs a head step on the CPU (dropout draws): the training's random stream
+        # must not depend on whether `auto` was resolved.
+        with torch.random.fork_rng(devices=[]):
+            sp = plan_stage(cfg, stage, shape, classes, 0, 1.0,
+                            measure_missing=small_backbone(cfg), limit=limit)
     except ValueError as e:
         log.warning("parallel=auto for %s: DDP (the plan cannot judge: %s)", stage.name, e)
         return DDP
