@@ -46,14 +46,14 @@ def test_a_stage_that_does_not_fit_is_refused_with_its_gib_limit_and_fix(no_meas
 
 def test_a_probe_record_of_the_machine_sets_the_limit(no_measuring, tmp_path):
     """What `submit.py probe` recorded of this shape wins over the kit's table: a card with
-    less to allocate than stage 2 needs under DDP (~13.5 GiB) or FSDP (~9.7) refuses it."""
+    less to allocate than stage 2 needs under DDP (~13.5 GiB) or FSDP (~8.6) refuses it."""
     record = {"machine_shape": "NvidiaTeslaT4",
-              "gpu": {"devices": [{"name": "Tesla T4", "memory_gib": 9.0,
-                                   "allocatable_gib": 9.0}] * 2}}
+              "gpu": {"devices": [{"name": "Tesla T4", "memory_gib": 8.0,
+                                   "allocatable_gib": 8.0}] * 2}}
     (tmp_path / "platform.json").write_text(json.dumps(record))
     (message,) = gate.memory_refusals(get_config("third_place"), "NvidiaTeslaT4",
                                       workdir=tmp_path)
-    assert "over the 9 GiB limit" in message and "submit.py probe" in message
+    assert "over the 8 GiB limit" in message and "submit.py probe" in message
     # a record of another shape says nothing about this one
     record["machine_shape"] = "NvidiaL4X1"
     (tmp_path / "platform.json").write_text(json.dumps(record))

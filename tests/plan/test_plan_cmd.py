@@ -37,7 +37,8 @@ def test_two_gpus_show_ddp_and_fsdp_side_by_side_and_autos_pick(tmp_path, capsys
     stage2 = json.loads(out.read_text())["stages"][1]
     assert stage2["parallel"] == "ddp" and stage2["fsdp_gib"] < stage2["ddp_gib"]
     assert {t["name"] for t in stage2["fsdp_terms"]} >= {"unsharded blocks in flight",
-                                                          "plain model, fp32 (evaluation)"}
+                                                          "root + class centres unsharded"}
+    assert "FSDP at an evaluation point" in text  # the plain model back on the device
 
 
 def test_a_stage_that_does_not_fit_exits_1_and_prints_the_fix(capsys):

@@ -54,6 +54,7 @@ class StagePlan:
     fsdp_terms: tuple[MemoryTerm, ...] = ()
     fsdp_hours: float = 0.0
     comm_basis: str = ""
+    fsdp_eval_gib: float = 0.0  # FSDP's evaluation points (the plain model back on the device)
     # The source's epochs read other ways (guie.configs.epoch_readings): (label, epochs, hours)
     readings: tuple[tuple[str, float, float], ...] = ()
 
@@ -229,7 +230,8 @@ def plan_stage(cfg: ExperimentConfig, stage: StageConfig, shape, num_classes: in
                      parallel=choice.parallel if world > 1 else "",
                      parallel_reason=choice.reason if world > 1 else "", ddp_gib=ddp_peak,
                      fsdp_gib=fsdp_peak, fsdp_terms=fsdp_terms,
-                     fsdp_hours=st.hours + comm_h if shardable else 0.0, comm_basis=comm_basis)
+                     fsdp_hours=st.hours + comm_h if shardable else 0.0, comm_basis=comm_basis,
+                     fsdp_eval_gib=parallel.evaluation_peak_gib(setup, gpu) if shardable else 0.0)
 
 
 def _head_in(model) -> int:

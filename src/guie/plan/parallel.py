@@ -51,9 +51,6 @@ def fsdp_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> list[M
     w, low = s.world, amp_bytes(s.amp)
     trained = s.params_trained * FP32
     terms = [
-        MemoryTerm("plain model, fp32 (evaluation)", s.params_total * FP32 / GIB,
-                   "counted", "guie.train.step keeps the unsharded model + centres on the "
-                   "device beside the shards: evaluation points, select_by and final.pt read it"),
         MemoryTerm("weights", s.params_total * FP32 / w / GIB, "counted",
                    f"fp32 master shards: 1/{w} of {s.params_total / 1e6:.1f}M parameters"),
         MemoryTerm("gradients", trained / w / GIB, "counted",
@@ -95,15 +92,37 @@ def _head_line(s: StageSetup, batch: float) -> float:
     return _line(s.head_peak_bytes, batch)
 
 
+def evaluation_terms(s: StageSetup, gpu: GpuFacts, batch: int | None = None
+                     ) -> list[MemoryTerm]:
+    """An evaluation point under FSDP: guie.train.step parks the plain full-weight model on the
+    CPU while the stage trains and moves it onto the device to embed, beside the shards and
+    the optimizer state; no training activations then."""
+    batch = s.batch if batch is None else batch
+    state = [t for t in fsdp_terms(s, gpu, batch)
+             if t.name in ("weights", "gradients", "optimizer state", "NCCL buffers")]
+    plain = MemoryTerm("plain model on the device", s.params_total * FP32 / GIB, "counted",
+                       "the full fp32 model + centres, moved from the CPU for an evaluation "
+                       "point (guie.train.step.park_plain returns it)")
+    embed = [] if s.backbone is None else [MemoryTerm(
+        "inference activations", s.backbone.inference_bytes(batch) / GIB, "measured",
+        f"no-grad forward at batch {batch}")]
+    return state + [plain] + embed
+
+
+def evaluation_peak_gib(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> float:
+    return peak_gib(evaluation_terms(s, gpu, batch), s, gpu, training=False)[0]
+
+
 def fsdp_peak_gib(s: StageSetup, gpu: GpuFacts, batch: int | None = None) -> float:
-    return peak_gib(fsdp_terms(s, gpu, batch), s, gpu, shards=s.world)[0]
+    """The larger of a training step's peak and an evaluation point's."""
+    return max(peak_gib(fsdp_terms(s, gpu, batch), s, gpu, shards=s.world)[0],
+               evaluation_peak_gib(s, gpu, batch))
 
 
 def fsdp_transient_bytes(s: StageSetup, batch: int) -> float:
-    """Peak minus the state (plain model, shards, NCCL): what one rank's forward and backward
-    add, as the CPU allocator sees it (no GPU-side rounding or context)."""
-    state = ("plain model, fp32 (evaluation)", "weights", "gradients",
-             "optimizer state", "NCCL buffers")
+    """Peak minus the state (shards, NCCL): what one rank's forward and backward add, as the
+    CPU allocator sees it (no GPU-side rounding or context)."""
+    state = ("weights", "gradients", "optimizer state", "NCCL buffers")
     return sum(t.gib for t in fsdp_terms(s, gpus.GPUS["T4"], batch) if t.name not in state) * GIB
 
 

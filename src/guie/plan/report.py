@@ -82,6 +82,10 @@ def _two_columns(s) -> list[str]:
         lines.append(f"  {name:34s} {cells[0]}  {cells[1]}  [{shown.kind}] {shown.basis}")
     lines.append(f"  {'peak':34s} {s.ddp_gib:6.2f} GiB  {s.fsdp_gib:6.2f} GiB  "
                  f"(limit {s.gpu_memory_limit_gib:g})")
+    if s.fsdp_eval_gib:
+        lines.append(f"  FSDP at an evaluation point: {s.fsdp_eval_gib:.2f} GiB (the plain fp32 "
+                     "model, parked on the CPU while training, on the device beside the shards)"
+                     " [counted + estimate]")
     return lines
 
 
