@@ -30,14 +30,17 @@ from guie.train.order import SeededDataset
 def compute_features(model: EmbeddingModel, df: pd.DataFrame, transform, batch_size: int,
                      num_workers: int, device: torch.device, desc: str = "features",
                      seed: int | None = None, feature_dtype=torch.float32,
-                     progress: bool = True):
+                     progress: bool = True, first_row: int = 0):
     """The head's inputs [N, D] of every row (`EmbeddingModel.features`: the backbone feature,
     plus the aspect-ratio features if the model takes them), with a validity mask [N]
-    (corrupt images are False). Runs the backbone on `device`."""
+    (corrupt images are False). Runs the backbone on `device`. With `seed`, row i's random
+    transform draws from its own seed, a function of `seed` and its row number in the whole
+    table (`first_row` + i), so a chunk or a rank's share gets what the whole table would."""
     dataset = ImageDataset(df, transform)
     if seed is not None:
         dataset = SeededDataset(dataset)
-        items = [(i, (seed * 1_000_003 + i) % (2**31 - 1)) for i in range(len(df))]
+        items = [(i, (seed * 1_000_003 + first_row + i) % (2**31 - 1))
+                 for i in range(len(df))]
     else:
         items = list(range(len(df)))
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
@@ -124,9 +127,10 @@ def build_feature_cache(model: EmbeddingModel, request: CacheRequest) -> Feature
                    dynamic_ncols=True, disable=not dist.is_main())
         while done < hi:
             stop = min(done + request.chunk_rows, hi)
+            # seeds by view and global row: the cache is the same whatever the chunks and ranks
             chunk, ok = compute_features(model, df.iloc[done:stop], transform,
                                          request.batch_size, request.num_workers, device,
-                                         "chunk", seed=view * n + done, progress=False)
+                                         "chunk", seed=view, progress=False, first_row=done)
             feats[view, done:stop] = chunk.numpy().astype(np.float16)
             valid[view, done:stop] = ok.numpy()
             feats.flush()
