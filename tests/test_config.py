@@ -54,7 +54,6 @@ def test_overrides_are_typed_and_nested():
                        "with no spaces around `=`"),
     ("stage2epochs", "override `stage2epochs` is not KEY=VALUE; did you mean "
                      "`stage2.epochs=VALUE`?"),
-    ("smoke", "override `smoke` is not KEY=VALUE; did you mean `--config smoke`?"),
     ("=3", "override `=3` is not KEY=VALUE (e.g. `stage1.epochs=3`)"),
 ])
 def test_bad_overrides_say_what_is_wrong_and_what_is_right(bad, message):
@@ -63,6 +62,13 @@ def test_bad_overrides_say_what_is_wrong_and_what_is_right(bad, message):
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)  # printed as one `error:` line
     assert isinstance(caught.value, ValueError)  # callers catching ValueError still do
+
+
+def test_a_config_name_among_the_overrides_suggests_config():
+    with pytest.raises(ConfigError) as caught:
+        resolve_config("tiny", ["stage1.epochs=2", "smoke"])
+    assert str(caught.value) == ("override `smoke` is not KEY=VALUE; did you mean "
+                                 "`--config smoke`?")
 
 
 @pytest.mark.parametrize("name", list_configs())

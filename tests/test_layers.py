@@ -106,3 +106,90 @@ def test_imports_are_found_at_any_depth_and_made_absolute():
                      (5, ("guie.export.script",)), (6, ("guie.data", "guie.data.sources"))}
     assert imports_in("from . import x\n", "guie.data", is_package=True)[0].targets[0] == \
         "guie.data"
+
+
+# Import cycles the kit accepts, each as the sorted tuple of its modules with the reason beside
+# it. Empty: every cycle so far was broken by moving code to where it belongs.
+ALLOWED_CYCLES: dict[tuple[str, ...], str] = {}
+
+
+def import_graph(imports: tuple[Import, ...]) -> dict[str, set[str]]:
+    """Module -> the kit's modules it imports. `from a import b` reaches the module `a.b` where
+    there is one, else `a` (b is a name defined in a)."""
+    modules = {i.importer for i in imports} | {
+        module_name(p) for package in PACKAGES for p in (SRC / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for i in imports:
+        base, *names = i.targets
+        reached = [n for n in names if n in modules] if names else []
+        if len(reached) < len(names) or not names:
+            reached.append(base)
+        graph[i.importer] |= {t for t in reached if t in modules and t != i.importer}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(tuple(sorted(component)))
+    return found
+
+
+def test_no_import_cycles():
+    """A cycle, deferred imports included, means two modules each need the other: one of them
+    holds code that belongs elsewhere."""
+    graph = import_graph(all_imports())
+    found = [c for c in cycles(graph) if c not in ALLOWED_CYCLES]
+    if found:
+        lines = []
+        for cycle in found:
+            members = set(cycle)
+            lines += [f"{i.path}:{i.line} ({i.importer}): {i.statement}" for i in all_imports()
+                      if i.importer in members and graph[i.importer] & members
+                      and any(t in members for t in i.targets)]
+        pytest.fail(f"import cycles {found}; the imports that close them:\n" + "\n".join(lines),
+                    pytrace=False)
+
+
+def test_the_cycle_check_finds_a_deferred_cycle():
+    source_a = "def f():\n    from guie.b import g\n"
+    source_b = "from guie import a\n"
+    imports = (*imports_in(source_a, "guie.a", False), *imports_in(source_b, "guie.b", False))
+    graph = import_graph(imports)
+    assert graph["guie.a"] >= {"guie.b"} and graph["guie.b"] >= {"guie.a"}
+    assert ("guie.a", "guie.b") in cycles(graph)

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from guie.config import ExperimentConfig, ModelConfig, PreprocessConfig
-from guie.model import build_model, load_visual_weights
-from guie.weights import (convert_lite0_state_dict, import_lite0, lite0_package_weights,
-                          to_timm_trunk)
+from guie.model import build_model, import_lite0, load_visual_weights
+from guie.weights import convert_lite0_state_dict, lite0_package_weights, to_timm_trunk
 
 LITE0 = "guie-lite0"
 

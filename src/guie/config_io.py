@@ -181,11 +181,6 @@ def _not_key_value(cfg: Any, item: str, key: str) -> str:
     keys = override_keys(cfg)
     if key in keys:
         return f"override `{item}` has no value: write `{key}=VALUE`, with no spaces around `=`"
-    # Imported here: guie.configs imports guie.config, which imports this module.
-    from guie.configs import list_configs
-
-    if item in list_configs():
-        return f"override `{item}` is not KEY=VALUE; did you mean `--config {item}`?"
     return (f"override `{item}` is not KEY=VALUE"
             + (_did_you_mean(key, keys, suffix="=VALUE") or " (e.g. `stage1.epochs=3`)"))
 

@@ -20,7 +20,9 @@ from guie.backbones import (Backbone, TimmTrunkBackbone, VisionTransformerBackbo
                             resolve_preprocess)
 from guie.config import ExperimentConfig, ModelConfig, StageConfig
 from guie.data.preprocess import Preprocess
-from guie.weights import LITE0_FILE, check_strict, is_lite0_package_state, to_timm_trunk
+from guie.errors import UserValueError
+from guie.weights import (LITE0_FILE, check_strict, is_lite0_package_state,
+                          load_lite0_package_file, to_timm_trunk)
 
 # 5th place's head input: the backbone feature plus this many features of the image's shape.
 ASPECT_FEATURES = 3
@@ -177,7 +179,7 @@ def build_head(cfg: ModelConfig, feature_dim: int) -> nn.Module:
         return BatchNormLinearHead(feature_dim, cfg.embed_dim)
     if cfg.head == "identity":
         return IdentityHead(feature_dim)
-    raise ValueError(f"model.head: unknown head {cfg.head!r}")
+    raise UserValueError(f"model.head: unknown head {cfg.head!r}")
 
 
 def head_output_dim(cfg: ModelConfig, feature_dim: int) -> int:
@@ -227,10 +229,10 @@ def build_visual_by_name(name: str) -> tuple[nn.Module, Backbone]:
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         known = ", ".join(open_clip.list_models())
-        raise ValueError(f"model.backbone: unknown open_clip model {name!r}. Known: {known}")
+        raise UserValueError(f"model.backbone: unknown open_clip model {name!r}. Known: {known}")
     if model_cfg["vision_cfg"].get("timm_model_pretrained"):
-        raise ValueError(f"model.backbone {name!r}: timm_model_pretrained would download weights; "
-                         "the kit loads them from model.pretrained_path only")
+        raise UserValueError(f"model.backbone {name!r}: timm_model_pretrained would download "
+                             "weights; the kit loads them from model.pretrained_path only")
     visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
                                  quick_gelu=model_cfg.get("quick_gelu", False))
     return visual, backbone_of(visual, name)
@@ -285,6 +287,21 @@ def load_visual_weights(visual: nn.Module, path: str) -> None:
     visual.load_state_dict(state)
 
 
+def import_lite0(src: str | Path, dst: str | Path) -> Path:
+    """Convert the package's file into the kit's format (the visual tower's state_dict, keys
+    `trunk.*`), checked strictly against a freshly built `guie-lite0` tower. Loading the
+    package's file directly works too (`guie.model.load_visual_weights` converts on the fly);
+    this writes the converted file for those who prefer to attach that."""
+    visual, _ = build_visual_by_name("guie-lite0")
+    trunk_state = to_timm_trunk(load_lite0_package_file(src), visual.trunk, str(src))
+    state = {f"trunk.{k}": v for k, v in trunk_state.items()}
+    visual.load_state_dict(state, strict=True)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, dst)
+    return dst
+
+
 def build_model(cfg: ExperimentConfig) -> tuple[EmbeddingModel, Preprocess]:
     """The embedding model and the preprocessing it must be fed with.
 
@@ -293,8 +310,8 @@ def build_model(cfg: ExperimentConfig) -> tuple[EmbeddingModel, Preprocess]:
     very same one."""
     aspect = cfg.model.aspect_features
     if aspect and cfg.model.head == "identity":
-        raise ValueError("model.aspect_features needs a head that maps them into the embedding; "
-                         "the identity head has none")
+        raise UserValueError("model.aspect_features needs a head that maps them into the "
+                             "embedding; the identity head has none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         visual, feature_dim = build_visual(cfg.model)

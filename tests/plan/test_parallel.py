@@ -13,7 +13,7 @@ import pytest
 from guie.config_io import apply_overrides
 from guie.configs import get_config
 from guie.kaggle.platform import MACHINE_SHAPES
-from guie.plan import parallel
+from guie.plan import auto, parallel
 from guie.plan.core import plan_stage
 from guie.plan.measurements import Key
 from guie.plan.parallel import DDP, FSDP, decide
@@ -41,9 +41,9 @@ def test_choose_parallel_for_third_place_stage2_on_two_gpus(limit_gib, expected)
     torch.manual_seed(0)
     expected_draw = torch.rand(1)
     torch.manual_seed(0)
-    assert parallel.choose_parallel(cfg, "stage2", 2, limit_gib) == expected
+    assert auto.choose_parallel(cfg, "stage2", 2, limit_gib) == expected
     assert torch.equal(torch.rand(1), expected_draw)  # the training's random stream untouched
-    assert parallel.choose_parallel(cfg, cfg.stage("stage2"), 1, limit_gib) == DDP
+    assert auto.choose_parallel(cfg, cfg.stage("stage2"), 1, limit_gib) == DDP
 
 
 def test_fsdp_column_shards_the_state_and_counts_unsynced_accumulation():

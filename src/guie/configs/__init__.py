@@ -35,7 +35,14 @@ def get_config(name: str) -> ExperimentConfig:
 def resolve_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The shipped config `name` with the KEY=VALUE `overrides` applied in order; a mistake in
     either is a one-line ConfigError that says what would be right."""
-    return apply_overrides(get_config(name), list(overrides))
+    cfg = get_config(name)
+    for item in overrides:
+        # A shipped config's name among the overrides is a `--config` left out; only this
+        # module knows the names, so the hint lives here and not in guie.config_io.
+        if "=" not in item and item in list_configs():
+            raise ConfigError(f"override `{item}` is not KEY=VALUE; did you mean "
+                              f"`--config {item}`?")
+    return apply_overrides(cfg, list(overrides))
 
 
 def epoch_readings(cfg: ExperimentConfig) -> tuple[tuple[str, dict[str, float]], ...]:

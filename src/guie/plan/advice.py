@@ -13,6 +13,7 @@ import shlex
 from dataclasses import replace
 
 from guie.config_io import apply_overrides
+from guie.plan.core import meta_model, plan_stage
 
 
 def _batch_fix(stage, max_batch: int) -> list[str] | None:
@@ -29,7 +30,6 @@ def _batch_fix(stage, max_batch: int) -> list[str] | None:
 
 
 def _fits(cfg, overrides, name, shape, classes, images, max_hours, measure, limit=None):
-    from guie.plan.core import plan_stage
 
     changed = apply_overrides(cfg, overrides)
     return plan_stage(changed, changed.stage(name), shape, classes, images, max_hours, measure,
@@ -72,12 +72,11 @@ def with_fix(cfg, sp, shape, classes, images, max_hours, measure, limit=None):
 def _partial_backbone(cfg, sp, shape, classes, images, max_hours, measure, base, limit):
     """Train the top k blocks (and the final norm + projection) only: the largest k that fits."""
     from guie.model import backbone
-    from guie.plan.core import _meta_model
 
     stage = cfg.stage(sp.name)
     if not any(t in ("all", "backbone") or t.startswith("blocks:") for t in stage.train):
         return None
-    blocks = backbone(_meta_model(cfg, classes)[1]).num_blocks
+    blocks = backbone(meta_model(cfg, classes)[1]).num_blocks
 
     def overrides(k: int) -> list[str]:
         train = ["head", "centres", f"blocks:{blocks - k}-{blocks - 1}", "backbone_top"]

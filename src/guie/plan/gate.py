@@ -10,18 +10,16 @@ without a measurement cannot be judged here and is let through (`submit.py plan`
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from guie.config import ExperimentConfig
 from guie.kaggle.platform import MACHINE_SHAPES
+from guie.plan.advice import shell_words
+from guie.plan.core import small_backbone
+from guie.plan.run import plan_run
 
 log = logging.getLogger(__name__)
-# The kit's tiny ViT (~0.7M parameters) measures in about a second on 2 busy cores; ViT-B-32
-# (88M) takes ~20 s per setting and ViT-H-14 10-15 minutes: too long for a gate.
-MEASURE_MAX_PARAMS = 30_000_000
 
 
 def memory_refusals(cfg: ExperimentConfig, machine_shape: str,
@@ -29,7 +27,6 @@ def memory_refusals(cfg: ExperimentConfig, machine_shape: str,
     """One message per enabled stage that does not fit `machine_shape`'s per-GPU memory; [] when
     every stage fits, and for what the plan cannot judge (a shape without a known GPU, a config
     whose class count comes from its data, a large backbone never measured)."""
-    from guie.plan.core import plan_run
 
     shape = MACHINE_SHAPES.get(machine_shape)
     if shape is None or not shape.gpus:
@@ -50,7 +47,6 @@ def memory_refusals(cfg: ExperimentConfig, machine_shape: str,
 
 def refusal(stage, machine_shape: str, config: str) -> str:
     """One line: the stage, the GiB it needs against the limit, and the fix."""
-    from guie.plan.advice import shell_words
 
     if stage.fix:
         fix = f"fix: {shell_words(stage.fix)} ({stage.fix_note})"
@@ -60,13 +56,3 @@ def refusal(stage, machine_shape: str, config: str) -> str:
             f"over the {stage.gpu_memory_limit_gib:g} GiB limit on {machine_shape} "
             f"({stage.limit_source}); {fix}; every term: `python submit.py plan --config "
             f"{config} --machine-shape {machine_shape}` with the same overrides")
-
-
-def small_backbone(cfg: ExperimentConfig) -> bool:
-    """Whether measuring the backbone, if it is missing, takes seconds (counted on meta)."""
-    from guie.model import build_model
-
-    meta_cfg = replace(cfg, model=replace(cfg.model, pretrained_path=""))
-    with torch.device("meta"):
-        model, _ = build_model(meta_cfg)
-    return sum(p.numel() for p in model.visual.parameters()) < MEASURE_MAX_PARAMS

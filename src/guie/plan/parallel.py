@@ -8,22 +8,19 @@ each block is all-gathered in the AMP dtype before its forward and again for its
 next one prefetched), and its gradient is reduce-scattered in fp32. `fsdp_terms` counts that
 term by term; `fsdp_traffic_bytes` and `extra_comm_hours` price it in time.
 
-`parallel="auto"` (`decide`, `choose_parallel`): DDP where it fits with HEADROOM_FRACTION of
-the limit to spare, since it is never slower here (the same or less traffic, and no all-gather
-waiting before a block); else FSDP where it fits; else DDP, whose failure the plan reports.
+`parallel="auto"` (`decide`; `guie.plan.auto.choose_parallel` applies it to a config): DDP
+where it fits with HEADROOM_FRACTION of the limit to spare, since it is never slower here (the
+same or less traffic, and no all-gather waiting before a block); else FSDP where it fits; else
+DDP, whose failure the plan reports.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 from guie.plan import gpus
 from guie.plan.gpus import GIB, GpuFacts
 from guie.plan.memory import FP32, MemoryTerm, StageSetup, peak_gib
 
-log = logging.getLogger(__name__)
 DDP, FSDP = "ddp", "fsdp"
 # The plan's GPU-side terms (allocator rounding, CUDA context) are estimates good to a few per
 # cent: DDP is kept only while it leaves this share of the limit unused.
@@ -187,37 +184,3 @@ def decide(wanted: str, world: int, from_cache: bool, ddp_gib: float, fsdp_gib: 
                             f"(the limit less {HEADROOM_FRACTION:.0%}); FSDP fits at "
                             f"{fsdp_gib:.2f} GiB")
     return Choice(DDP, "auto: neither fits; DDP's shortfall is reported")
-
-
-def choose_parallel(cfg, stage, world: int, machine, num_classes: int = 0) -> str:
-    """`stages[*].parallel == "auto"` resolved: "ddp" or "fsdp" for `stage` (a StageConfig or
-    its name) on `world` GPUs of `machine` (a `guie.kaggle.platform.MachineShape`, or the GiB
-    PyTorch can allocate per device, e.g. `total_memory / 2**30`). Deterministic, so every rank
-    reaches the same answer; seconds (measurements at hand; a large backbone never measured
-    is not measured here and gets DDP)."""
-    from guie.kaggle.platform import MACHINE_SHAPES, MachineShape
-    from guie.plan.core import plan_stage
-    from guie.plan.gate import small_backbone
-    from guie.plan.gpus import MemoryLimit
-
-    stage = cfg.stage(stage) if isinstance(stage, str) else stage
-    if world <= 1 or stage.parallel in (DDP, FSDP):
-        return decide(stage.parallel, world, False, 0.0, None, 0.0).parallel
-    if isinstance(machine, MachineShape):
-        shape = replace(machine, gpus=world)
-        limit = None
-    else:  # a GPU known only by its memory: a T4's facts for the small GPU-side terms
-        shape = replace(MACHINE_SHAPES["NvidiaTeslaT4"], gpus=world, gpu_memory_gib=machine,
-                        allocatable_gib=machine)
-        limit = MemoryLimit(float(machine), "given", "measured")
-    classes = num_classes or cfg.num_classes or cfg.data.sample_instances
-    try:
-        # The plan runs a head step on the CPU (dropout draws): the training's random stream
-        # must not depend on whether `auto` was resolved.
-        with torch.random.fork_rng(devices=[]):
-            sp = plan_stage(cfg, stage, shape, classes, 0, 1.0,
-                            measure_missing=small_backbone(cfg), limit=limit)
-    except ValueError as e:
-        log.warning("parallel=auto for %s: DDP (the plan cannot judge: %s)", stage.name, e)
-        return DDP
-    return sp.parallel or DDP

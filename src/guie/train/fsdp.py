@@ -53,13 +53,13 @@ def resolve_parallel(stage: StageConfig, world: int, from_cache: bool,
 
 def auto_parallel(cfg: ExperimentConfig, stage: StageConfig, world: int, device: torch.device,
                   num_classes: int) -> str:
-    """`parallel="auto"` by the planner's rule (`guie.plan.parallel.choose_parallel`: DDP where
+    """`parallel="auto"` by the planner's rule (`guie.plan.auto.choose_parallel`: DDP where
     it fits this GPU with headroom, else FSDP where that fits), for the memory PyTorch reports
     on this GPU. Every rank reaches the same answer. On a CPU there is no GPU memory for the
     rule to budget: DDP."""
     if device.type != "cuda":
         return PARALLEL_DDP
-    from guie.plan.parallel import choose_parallel  # deferred: the planner imports the trainer
+    from guie.plan.auto import choose_parallel  # deferred: the planner imports the trainer
 
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     return choose_parallel(cfg, stage, world, gib, num_classes)
