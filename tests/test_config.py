@@ -133,3 +133,16 @@ def test_configs_saved_before_stage_schedules_still_load(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     cfg = load_config(tmp_path / "old.json")
     assert [s.train for s in cfg.stages] == [("head", "centres"), ("all",)]
+
+
+def test_max_hours_is_a_config_field_and_older_configs_load_without_it(tmp_path):
+    """The session's training budget is part of the resolved config (what `--max-hours` sets),
+    so config.json records it; a config saved before it existed loads with no limit."""
+    cfg = resolve_config("smoke", ["max_hours=2.5"])
+    assert cfg.max_hours == 2.5 and "max_hours" in override_keys(cfg)
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+    older = to_dict(get_config("smoke"))
+    del older["max_hours"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert load_config(tmp_path / "older.json").max_hours == 0.0

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from guie.config import load_config
 from guie.configs import get_config
 from guie.launch import train_on_all_gpus
 
@@ -16,12 +17,16 @@ def test_two_process_training_finishes_and_reports(sample_data, tmp_path, monkey
                                       sample_instances=0, heldout_classes=20,
                                       distractor_classes=0, num_workers=0))
     cfg = cfg.replace_stage("stage1", epochs=1).replace_stage("stage2", epochs=0.2)
+    cfg = replace(cfg, max_hours=5.0)  # the session budget travels in the config, as data
     monkeypatch.setenv("GUIE_NPROC", "2")
     report = train_on_all_gpus(cfg, str(tmp_path / "out"))
     assert report["status"] == "done" and report["processes"] == 2
     assert 0.0 <= report["map5_stage2"] <= 1.0
     assert json.loads((tmp_path / "out" / "train-report.json").read_text()) == report
     assert (tmp_path / "out" / "stage2" / "final.pt").exists()
+    # the workers loaded the resolved config as data, and config.json is what they ran
+    assert load_config(tmp_path / "out" / "launch-config-node0.json") == cfg
+    assert load_config(tmp_path / "out" / "config.json") == cfg
 
 
 @pytest.mark.slow

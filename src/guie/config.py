@@ -214,6 +214,12 @@ class ExperimentConfig:
                     lr_backbone=1e-6, margin_rad=0.5, warmup_epochs=0.1),
     )
     export: ExportConfig = field(default_factory=ExportConfig)
+    # The training budget of one session (one process tree: a Kaggle session, a `submit.py
+    # train`), all stages together: at this many hours the running stage checkpoints and stops
+    # cleanly ("paused"), and the next session resumes there; 0 = no limit. A stage's own
+    # `max_hours` limits that stage alone; the stricter of the two stops it. `push` and `run`
+    # send 11.0 where this is 0, since Kaggle ends a session at 12 h.
+    max_hours: float = 0.0
 
     def __post_init__(self):
         names = [s.name for s in self.stages]

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from guie.config import ExperimentConfig, load_config, save_config
@@ -100,24 +100,26 @@ def process_count() -> int:
 
 
 def train_on_all_gpus(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
-                      max_hours: float = 0.0, rendezvous: Rendezvous | None = None) -> dict:
-    """Train `cfg` into `out_dir` over every GPU (of every machine in `rendezvous`, default
-    `Rendezvous.from_env()`); rank 0's report. Raises LaunchError when torchrun fails."""
+                      rendezvous: Rendezvous | None = None) -> dict:
+    """Train `cfg` (resolved: its `max_hours` is the session's budget) into `out_dir` over every
+    GPU (of every machine in `rendezvous`, default `Rendezvous.from_env()`); rank 0's report.
+    Raises LaunchError when torchrun fails."""
     nproc = process_count()
     rdzv = rendezvous or Rendezvous.from_env()
     if nproc <= 1 and rdzv.nnodes <= 1:
         from guie.pipeline import train
 
-        return {**train(cfg, out_dir, resume=resume, max_hours=max_hours), "processes": 1}
+        return {**train(cfg, out_dir, resume=resume, max_hours=cfg.max_hours), "processes": 1}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # One file per machine: machines sharing `out` (as they must) start at different moments,
-    # and a worker must never read a config another machine is half-way through writing.
+    # The workers load the resolved config as data, never resolve a name again. One file per
+    # machine: machines sharing `out` (as they must) start at different moments, and a worker
+    # must never read a config another machine is half-way through writing.
     config_path = out / f"launch-config-node{rdzv.node_rank}.json"
     save_config(cfg, config_path)
     report_path = out / "train-report.json"
     report_path.unlink(missing_ok=True)
-    worker = ["--config-json", str(config_path), "--out", str(out), "--max-hours", str(max_hours)]
+    worker = ["--config-json", str(config_path), "--out", str(out)]
     if not resume:
         worker.append("--restart")
     run_workers(worker, nproc, rdzv)
@@ -236,8 +238,8 @@ def worker(args: argparse.Namespace) -> int:
         else:
             from guie.pipeline import train
 
-            report = train(load_config(args.config_json), args.out, resume=not args.restart,
-                           max_hours=args.max_hours)
+            cfg = load_config(args.config_json)
+            report = train(cfg, args.out, resume=not args.restart, max_hours=cfg.max_hours)
     except RuntimeError as error:
         if not dist.is_collective_timeout(error):
             raise
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a shipped config's name or a config JSON file")
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="")
-    parser.add_argument("--max-hours", type=float, default=0.0)
+    parser.add_argument("--max-hours", type=float, default=None,
+                        help="sets the config's max_hours (default: the config's)")
     parser.add_argument("--restart", action="store_true", help="ignore checkpoints in --out")
     parser.add_argument("--check", action="store_true",
                         help="only start the process group and run the preflight collective")
@@ -280,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config or not args.out:
             parser.error("--config and --out are needed to train")
-        report = train_on_all_gpus(_load(args.config), args.out, resume=not args.restart,
-                                   max_hours=args.max_hours, rendezvous=rdzv)
+        cfg = _load(args.config)
+        if args.max_hours is not None:  # the flag is sugar for the config field
+            cfg = replace(cfg, max_hours=args.max_hours)
+        report = train_on_all_gpus(cfg, args.out, resume=not args.restart, rendezvous=rdzv)
     except LaunchError as error:
         print(f"guie.launch: {error}", file=sys.stderr, flush=True)
         return 1

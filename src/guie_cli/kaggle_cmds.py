@@ -19,14 +19,15 @@ from guie.errors import UserValueError
 from guie.kaggle import packaging
 from guie.kaggle.build import (build_kernels, pin_dataset_sources, pinned_versions,
                                upload_datasets)
-from guie.kaggle.notebooks import kernel_config, slugify_title
+from guie.kaggle.notebooks import slugify_title
 from guie.kaggle.platform import check_machine_shape, platform_facts
 from guie.kaggle.results import LATE_NOTE
 from guie_cli.kaggle_common import (common_args, confirm, connect, git_commit, list_folder,
-                                    load_state, machine_args, owned_config, platform_notes,
-                                    preflight_gate, print_output_size, print_plan, read_json,
-                                    save_state, secrets_and_owner, standalone_main,
+                                    load_state, machine_args, max_hours_arg, owned_config,
+                                    platform_notes, preflight_gate, print_output_size, print_plan,
+                                    read_json, save_state, secrets_and_owner, standalone_main,
                                     state_path, weights_notes, wheel_download)
+from guie_cli.local import compat_arg, config_from_args
 
 
 # ----------------------------------------------------------------------------- push
@@ -36,7 +37,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from guie.kaggle import preflight
     from guie.kaggle.sessions import wait_for_push
 
-    cfg = kernel_config(args.config, args.overrides)  # a bad config fails before any upload
+    config_from_args(args)  # a bad config fails before any credentials are read
     warnings = check_machine_shape(args.machine_shape)
     client, owner, secrets = secrets_and_owner(args)
     cfg, overrides = owned_config(args, owner)
@@ -51,9 +52,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     previous_train = state.get("kernels", {}).get("train", {})
     if chosen == ["infer"] and state.get("config") == args.config and previous_train.get("run"):
         expected_run = previous_train["run"]  # the run that kernel trains, not today's source
-    build = build_kernels(cfg, args.config, overrides, owner, args.workdir, secrets,
-                          kinds=chosen, max_hours=args.max_hours, compat=args.compat,
-                          data_root=args.data_root, resume_kernel=args.resume_kernel,
+    build = build_kernels(cfg, args.config, owner, args.workdir, secrets,
+                          kinds=chosen, resume_kernel=args.resume_kernel,
                           extra_datasets=args.dataset, machine_shape=args.machine_shape,
                           private=not args.public, train_internet=args.train_internet,
                           expected_run=expected_run)
@@ -62,7 +62,7 @@ def cmd_push(args: argparse.Namespace) -> int:
           f"kernels {', '.join(plans[k].ref for k in chosen)}")
     for line in [*warnings, *weights_notes(cfg), *platform_notes(facts)]:
         print(line)
-    bound = (preflight.session_bound_h(args.max_hours) if "train" in chosen
+    bound = (preflight.session_bound_h(cfg.max_hours) if "train" in chosen
              else preflight.INFER_SESSION_H + preflight.SETUP_ALLOWANCE_H)
     preflight_gate(args, cfg, client, bound, "train" in chosen)  # before anything is sent
     requirements = list(packaging.WHEEL_REQUIREMENTS)
@@ -83,7 +83,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                         {"kernel-metadata.json": plans[kind].metadata,
                          "parameters": plans[kind].parameters})
         print_output_size(cfg)
-        print_plan(cfg, args.machine_shape, args.max_hours)
+        print_plan(cfg, args.machine_shape, cfg.max_hours)
         return 0
 
     commit = git_commit()
@@ -246,12 +246,12 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="smoke", help="shipped config name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--kernels", choices=("both", "train", "infer"), default="both")
-    p.add_argument("--max-hours", type=float, default=11.0, help="training budget per session")
-    p.add_argument("--compat", choices=("none", "torch1.11"), default="none")
-    p.add_argument("--data-root", default="",
-                   help="data root on Kaggle for the config's relative locations ('' keeps the "
-                        "config's; sources with a kaggle_slug are found wherever Kaggle mounts "
-                        "them)")
+    max_hours_arg(p)
+    compat_arg(p)
+    p.add_argument("--data-root", default=None,
+                   help="sets data.root, the data root on Kaggle for the config's relative "
+                        "locations (default: the config's; sources with a kaggle_slug are found "
+                        "wherever Kaggle mounts them)")
     p.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG",
                    help="extra dataset to attach to both kernels (weights; repeatable)")
     p.add_argument("--resume-kernel", default=None, metavar="OWNER/SLUG",

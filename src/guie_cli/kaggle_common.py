@@ -253,14 +253,29 @@ def common_args(p: argparse.ArgumentParser, dry_run: bool = True, poll: bool = F
         p.add_argument("--poll-s", type=float, default=15.0, help="first polling interval")
 
 
-def owned_config(args: argparse.Namespace, owner: str):
-    """(config, overrides) of what is pushed: the user's overrides plus those that put the
-    pushing user's name into the config's `kaggle:KAGGLE_USERNAME/...` references."""
-    from guie.kaggle.notebooks import kernel_config, owner_overrides
+# A Kaggle session ends at 12 h: where the config sets no max_hours, push and run give it this,
+# so that the last checkpoint is written before Kaggle stops the session.
+KAGGLE_MAX_HOURS = 11.0
 
-    overrides = [*args.overrides,
-                 *owner_overrides(kernel_config(args.config, args.overrides), owner)]
-    return kernel_config(args.config, overrides), overrides
+
+def max_hours_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-hours", type=float, default=None,
+                   help="sets max_hours, the training budget per session (default: the "
+                        f"config's max_hours, or {KAGGLE_MAX_HOURS:g} where it has none)")
+
+
+def owned_config(args: argparse.Namespace, owner: str):
+    """(config, overrides) of what is pushed, resolved once: --config, the user's overrides and
+    the flags' (`guie_cli.local.config_from_args`), the Kaggle session budget where the config
+    has none, and the overrides that put the pushing user's name into the config's
+    `kaggle:KAGGLE_USERNAME/...` references (still references: the kernels resolve them)."""
+    from guie.kaggle.run_config import owner_overrides
+    from guie_cli.local import config_from_args, flag_overrides
+
+    cfg = config_from_args(args)
+    extra = [] if cfg.max_hours else [f"max_hours={KAGGLE_MAX_HOURS:g}"]
+    extra += owner_overrides(cfg, owner)
+    return config_from_args(args, extra), [*args.overrides, *flag_overrides(args), *extra]
 
 
 def standalone_main(prog: str, register: Callable, argv: list[str] | None) -> int:

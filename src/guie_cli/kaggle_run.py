@@ -10,17 +10,18 @@ from pathlib import Path
 
 from guie.kaggle import packaging, preflight
 from guie.kaggle.chain import UNTIL, Chain, ChainSettings, ChainStopped, describe
-from guie.kaggle.notebooks import kernel_config, plan_probe, write_kernel
+from guie.kaggle.notebooks import plan_probe, write_kernel
 from guie.kaggle.platform import PLATFORM_RECORD, check_machine_shape, platform_facts
 from guie.kaggle.probe import PROBE_OUTPUT
 from guie_cli.kaggle_common import (common_args, connect, list_folder, load_state, machine_args,
-                                    owned_config, preflight_gate, print_plan,
+                                    max_hours_arg, owned_config, preflight_gate, print_plan,
                                     save_state, secrets_and_owner, standalone_main, state_path,
                                     wheel_download)
+from guie_cli.local import compat_arg, config_from_args
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = kernel_config(args.config, args.overrides)
+    config_from_args(args)  # a bad config fails before any credentials are read
     for line in check_machine_shape(args.machine_shape):
         print(line)
     client, owner, secrets = secrets_and_owner(args)
@@ -32,16 +33,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_name=args.config, overrides=tuple(overrides), owner=owner,
         workdir=Path(args.workdir), secrets=tuple(secrets),
         python_version=facts.python_version, until=args.until,
-        max_hours=args.max_hours, max_quota_hours=args.max_quota_hours,
+        max_quota_hours=args.max_quota_hours,
         machine_shape=args.machine_shape, daily_cap=args.daily_cap, poll_s=args.poll_s,
-        stale_grace_s=args.stale_grace_s, plan_options={"compat": args.compat})
+        stale_grace_s=args.stale_grace_s)
     # The first session, before anything is sent; the chain reads the quota again before each.
-    preflight_gate(args, cfg, client, preflight.session_bound_h(args.max_hours))
+    preflight_gate(args, cfg, client, preflight.session_bound_h(cfg.max_hours))
     if args.dry_run:
         print(f"[dry run] the chain for config {args.config}, until {args.until}; nothing is sent:")
-        for line in describe(settings, len([s for s in cfg.stages if s.enabled])):
+        for line in describe(settings, cfg):
             print(f"  {line}")
-        print_plan(cfg, args.machine_shape, args.max_hours)  # the sessions and hours it expects
+        print_plan(cfg, args.machine_shape, cfg.max_hours)  # the sessions and hours it expects
         return 0
     chain = Chain(client, cfg, settings, download=wheel_download(args),
                   log=lambda line: print(line, flush=True))
@@ -169,12 +170,12 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="smoke", help="shipped config name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--until", choices=UNTIL, default="submitted", help="where the chain stops")
-    p.add_argument("--max-hours", type=float, default=11.0, help="training budget per session")
+    max_hours_arg(p)
     p.add_argument("--max-quota-hours", type=float, default=None,
                    help="GPU hours this chain may spend, on top of the quota Kaggle reports "
                         "(default: no cap of its own)")
     p.add_argument("--daily-cap", type=int, default=5, help="submissions allowed per UTC day")
-    p.add_argument("--compat", choices=("none", "torch1.11"), default="none")
+    compat_arg(p)
     p.add_argument("--wheels-from", default=None, metavar="DIR",
                    help="take the wheels from this folder instead of `pip download`")
     machine_args(p, gate=True)

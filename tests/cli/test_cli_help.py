@@ -46,7 +46,8 @@ def test_some_defaults_as_users_see_them(capsys):
     assert main(["local", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: tiny)" in out and "(default: build/local)" in out
-    assert "--compat {none,torch1.11} default: none" in out
+    assert "sets export.compat (torch1.11: an export a PyTorch 1.11 host loads; default: the " \
+           "config's export.compat)" in out
     assert "default: False" not in out  # flags (off unless given) show none
     assert main(["search", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 # stage 1 and pauses stage 2 after its step, session 3 finishes stage 2. Three sessions.
 OVERRIDES = ["stage1.epochs=0.01", "stage2.epochs=0.01"]
 SESSION_HOURS = "0.000001"
+RESTART_HOURS = "0.0000012"
 TRAIN = [f"{USERNAME}/guie-train-smoke", f"{USERNAME}/guie-train-smoke-s2",
          f"{USERNAME}/guie-train-smoke-s3"]
 INFER = f"{USERNAME}/guie-infer-smoke"
@@ -76,9 +77,10 @@ def test_run_chains_three_sessions_survives_a_kill_exports_and_submits_once(
     pending = json.loads(state_path.read_text())["sessions"]
     assert [(s["ref"], s["outcome"]) for s in pending] == [(TRAIN[0], None)]
 
-    # 2. started again (in this process): it waits on that kernel, then goes on to the end
+    # 2. started again (in this process), with another session budget: the same run (max_hours
+    # is not part of its identity), so it waits on that kernel, then goes on to the end
     capsys.readouterr()
-    assert main(run_args(workdir, wheelhouse)) == 0
+    assert main(run_args(workdir, wheelhouse, "--max-hours", RESTART_HOURS)) == 0
     out = capsys.readouterr().out
     assert f"waiting on train kernel {TRAIN[0]} version 1" in out
     assert [saved(fake, ref) for ref in TRAIN] == [1, 1, 1]  # no duplicate after the restart
@@ -95,6 +97,9 @@ def test_run_chains_three_sessions_survives_a_kill_exports_and_submits_once(
     assert bodies[TRAIN[1]]["kernelDataSources"] == [TRAIN[0]]
     assert bodies[TRAIN[2]]["kernelDataSources"] == [TRAIN[1]]
     assert bodies[INFER]["kernelDataSources"] == [TRAIN[2]]
+    budgets = [json.loads(fake.kernels[ref].sessions[-1].outputs["config.json"])["max_hours"]
+               for ref in TRAIN]
+    assert budgets == [float(SESSION_HOURS), float(RESTART_HOURS), float(RESTART_HOURS)]
     # one submission, of the inference kernel's explicit version, scored and recorded
     (sent,) = fake.rpc_calls("CreateCodeSubmission")
     assert sent["kernelSlug"] == "guie-infer-smoke" and sent["kernelVersion"] == 1

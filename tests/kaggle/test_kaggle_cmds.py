@@ -113,9 +113,15 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
         assert body["enableInternet"] is False and body["enableGpu"] is True
         assert body["isPrivate"] is True and body["language"] == "python"
     params = notebook_parameters(train)
-    assert params["config_name"] == "smoke" and params["overrides"] == [SOURCES]
+    # the resolved config, as data: the override applied, the source still a Kaggle reference,
+    # the session budget Kaggle needs where the config sets none
+    config = params["config"]
+    assert config["name"] == "smoke" and config["max_hours"] == 11.0
+    assert config["data"]["sources"] == [{**config["data"]["sources"][0], "location": "glr",
+                                          "kaggle_slug": "someone/glr-mini-tfrecords"}]
+    assert notebook_parameters(infer)["config"] == config
     assert params["source_hash"] == uploaded_hash  # the notebook checks what was uploaded
-    assert params["source_input"] == f"dataset:{SRC}" and params["max_hours"] == 11.0
+    assert params["source_input"] == f"dataset:{SRC}"
     assert notebook_parameters(infer)["checkpoint_input"] == f"notebook:{TRAIN}"
     assert notebook_parameters(infer)["expected_run"] == params["run"]
     assert_no_key_sent(fake)
@@ -132,6 +138,41 @@ def test_push_sends_datasets_and_both_kernels(fake_kaggle, workdir, wheelhouse, 
                                          "nonce": notebook_parameters(infer)["push_nonce"]}
     assert state["wheels"]["python_version"] == "3.12"  # no probe record: the kit's fallback
     assert (state["source"]["version"], state["wheels"]["version"]) == (1, 1)
+
+
+def built_config(workdir: str, kind: str) -> dict:
+    from guie.kaggle.notebooks import injected_parameters
+
+    return injected_parameters(Path(workdir) / "kernels" / f"guie-{kind}-smoke"
+                               / f"{kind}.ipynb")["config"]
+
+
+def test_push_flags_are_config_fields_one_knob_each(fake_kaggle, workdir):
+    """--max-hours, --compat and --data-root set max_hours, export.compat and data.root in the
+    config the kernels receive; left out, the config's own value holds. `--compat none` undoes
+    a config's torch1.11 (the export reads export.compat only)."""
+    assert cli("push", "--dry-run", "--workdir", workdir, "export.compat=torch1.11",
+               "max_hours=5", "data.root=/elsewhere") == 0
+    for kind in ("train", "infer"):
+        config = built_config(workdir, kind)
+        assert (config["export"]["compat"], config["max_hours"], config["data"]["root"]) == \
+            ("torch1.11", 5.0, "/elsewhere")
+    assert cli("push", "--dry-run", "--workdir", workdir, "export.compat=torch1.11",
+               "max_hours=5", "--compat", "none", "--max-hours", "2.5",
+               "--data-root", "/kaggle/input") == 0
+    for kind in ("train", "infer"):
+        config = built_config(workdir, kind)
+        assert (config["export"]["compat"], config["max_hours"], config["data"]["root"]) == \
+            ("none", 2.5, "/kaggle/input")
+    # the run is the same whatever the session budget, the data root or the export mode
+    from guie.kaggle.notebooks import injected_parameters
+
+    train = Path(workdir) / "kernels" / "guie-train-smoke" / "train.ipynb"
+    first = injected_parameters(train)["run"]
+    assert cli("push", "--dry-run", "--workdir", workdir, "--max-hours", "7") == 0
+    assert injected_parameters(train)["run"] == first
+    assert cli("push", "--dry-run", "--workdir", workdir, "stage2.lr_head=0.5") == 0
+    assert injected_parameters(train)["run"]["run_id"] != first["run_id"]
 
 
 def test_push_without_wait_sends_training_only_and_says_what_next(fake_kaggle, workdir, wheelhouse,

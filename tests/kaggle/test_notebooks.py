@@ -17,11 +17,12 @@ from guie.config_io import apply_overrides
 from guie.configs import get_config
 from guie.kaggle.emulate import mount_folder, mount_notebook_output, mount_point
 from guie.kaggle.inputs import InputNotFound
+from guie.config_io import ConfigError
 from guie.kaggle.notebooks import (TEMPLATES_DIR, NotebookError, check_training_run,
-                                   injected_parameters, kernel_config, kernel_metadata,
-                                   map_kaggle_paths, plan_kernels, prepare_resume, record_run,
-                                   resolve_config_inputs, run_identity, weights_datasets,
-                                   write_kernel)
+                                   injected_parameters, kernel_metadata, map_kaggle_paths,
+                                   plan_kernels, prepare_resume, record_run, write_kernel)
+from guie.kaggle.run_config import (RUN_VARIABLES, config_parameter, load_kernel_config,
+                                    resolve_config_inputs, run_identity, weights_datasets)
 from guie.kaggle.packaging import WHEEL_REQUIREMENTS, pack_source, write_wheels_marker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ SOURCES = ("me/guie-kit-src", "me/guie-kit-wheels")
 
 
 def plans_for(cfg, **kwargs):
-    return plan_kernels(cfg, "smoke", ["stage1.epochs=1"], "me", source_ref=SOURCES[0],
+    return plan_kernels(cfg, "smoke", "me", source_ref=SOURCES[0],
                         wheels_ref=SOURCES[1], source_hash="ab" * 32, **kwargs)
 
 
@@ -82,10 +83,17 @@ def test_plan_metadata(kaggle_cfg):
     assert params["checkpoint_input"] == "notebook:me/guie-train-smoke"
     assert params["source_input"] == f"dataset:{SOURCES[0]}"
     assert params["wheels_input"] == f"dataset:{SOURCES[1]}"
-    assert params["input_root"] == "/kaggle/input" and params["data_root"] == ""
+    assert params["input_root"] == "/kaggle/input"
     run = plans["train"].parameters["run"]
     assert params["expected_run"] == run and run["source_hash"] == "ab" * 32
-    assert run["config_name"] == "smoke" and run["overrides"] == ["stage1.epochs=1"]
+    assert run == run_identity(kaggle_cfg, "ab" * 32) and run["config_name"] == "smoke"
+    # the resolved config itself travels, its Kaggle references unresolved; nothing else
+    # describes the experiment (no config name plus overrides, no max_hours or compat knobs)
+    for plan in plans.values():
+        assert plan.parameters["config"] == config_parameter(kaggle_cfg)
+        assert plan.parameters["config"]["data"]["sources"][0]["location"] == "glr-mini"
+        assert not {"config_name", "overrides", "max_hours", "compat",
+                    "data_root"} & set(plan.parameters)
 
 
 def test_plan_resume_and_extra_datasets(kaggle_cfg):
@@ -140,7 +148,7 @@ def test_prepare_resume_copies_a_previous_output(tmp_path, layout):
     previous = tmp_path / "prev"
     (previous / "stage1").mkdir(parents=True)
     (previous / "stage1" / "last.pt").write_bytes(b"ckpt")
-    record_run(previous, run_identity("smoke", [], "ab" * 32), "stopped")
+    record_run(previous, run_identity(get_config("smoke"), "ab" * 32), "stopped")
     inputs = tmp_path / "input"
     assert prepare_resume("", str(tmp_path / "out"), inputs) is False
     with pytest.raises(InputNotFound, match="notebook:me/guie-train-smoke: not attached"):
@@ -151,10 +159,11 @@ def test_prepare_resume_copies_a_previous_output(tmp_path, layout):
 
 
 def test_check_training_run_refuses_another_or_an_unfinished_run(tmp_path):
-    run = run_identity("smoke", ["stage1.epochs=1"], "ab" * 32)
+    smoke = get_config("smoke")
+    run = run_identity(smoke.replace_stage("stage1", epochs=1), "ab" * 32)
     with pytest.raises(NotebookError, match="holds training run unknown"):
         check_training_run(tmp_path, run)
-    record_run(tmp_path, run_identity("smoke", [], "ab" * 32), "done")
+    record_run(tmp_path, run_identity(smoke, "ab" * 32), "done")
     with pytest.raises(NotebookError, match="previous output: wait until the training kernel"):
         check_training_run(tmp_path, run)
     record_run(tmp_path, run, "paused")
@@ -164,10 +173,29 @@ def test_check_training_run_refuses_another_or_an_unfinished_run(tmp_path):
     assert check_training_run(tmp_path, run) == str(tmp_path)
 
 
-def test_kernel_config_applies_overrides_and_root():
-    cfg = kernel_config("smoke", ["stage1.epochs=1"], "/kaggle/input")
-    assert cfg.stage("stage1").epochs == 1 and cfg.data.root == "/kaggle/input"
-    assert kernel_config("smoke", []).data.root == get_config("smoke").data.root
+def test_a_kernel_loads_the_resolved_config_it_carries(tmp_path):
+    cfg = apply_overrides(get_config("smoke"), ["stage1.epochs=1", "export.compat=torch1.11",
+                                                "data.root=/kaggle/input", "max_hours=2.5"])
+    assert load_kernel_config(config_parameter(cfg), str(tmp_path)) == cfg
+    with pytest.raises(ConfigError, match="carries no experiment config"):
+        load_kernel_config({}, str(tmp_path))
+
+
+def test_run_identity_leaves_out_what_may_change_between_sessions():
+    """A chain's later session (another max_hours, machine, export mode) continues the same run;
+    any field that changes what is trained makes another."""
+    smoke = get_config("smoke")
+    same = run_identity(smoke, "ab" * 32)
+    assert set(RUN_VARIABLES) == {"max_hours", "data.root", "export.compat",
+                                  "stages.*.parallel", "stages.*.max_hours"}
+    for changed in (replace(smoke, max_hours=3.0),
+                    apply_overrides(smoke, ["data.root=/kaggle/input", "export.compat=torch1.11",
+                                            "stage2.parallel=fsdp", "stage1.max_hours=0.5"])):
+        assert run_identity(changed, "ab" * 32) == same
+    for changed in (apply_overrides(smoke, ["stage2.lr_head=0.5"]),
+                    apply_overrides(smoke, ["data.heldout_classes=3"]), replace(smoke, seed=1)):
+        assert run_identity(changed, "ab" * 32)["run_id"] != same["run_id"]
+    assert run_identity(smoke, "cd" * 32)["run_id"] != same["run_id"]
 
 
 @pytest.mark.parametrize("layout", ["current", "legacy"])
@@ -250,7 +278,8 @@ def test_recipe_weights_name_the_dataset_push_weights_creates(tmp_path):
     """README steps 2 and 3 connect: `push-weights open_clip_pytorch_model.bin` creates
     <user>/guie-weights-open-clip-pytorch-model, which third_place reads once push fills in the
     user, and the kernel finds it mounted in either layout."""
-    from guie.kaggle.notebooks import owner_overrides, slugify_title
+    from guie.kaggle.notebooks import slugify_title
+    from guie.kaggle.run_config import owner_overrides
 
     cfg = get_config("third_place")
     overrides = owner_overrides(cfg, "alice")
@@ -262,7 +291,8 @@ def test_recipe_weights_name_the_dataset_push_weights_creates(tmp_path):
     (weights / "open_clip_pytorch_model.bin").write_bytes(b"w")
     for src in cfg.data.sources:
         mount_point(f"dataset:{src.kaggle_slug}", tmp_path, "current").mkdir(parents=True)
-    resolved = kernel_config("third_place", overrides, input_root=str(tmp_path))
+    resolved = load_kernel_config(config_parameter(apply_overrides(cfg, overrides)),
+                                  str(tmp_path))
     assert resolved.model.pretrained_path == str(weights / "open_clip_pytorch_model.bin")
     assert resolved.data.sources[0].location == str(
         tmp_path / "datasets" / "motono0223" / "guie-imagenet1k-mini1-tfrecords-label-0-999")

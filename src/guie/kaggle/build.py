@@ -26,11 +26,12 @@ class KernelBuild:
     folders: dict[str, Path]  # kind -> built kernel folder (notebook + kernel-metadata.json)
 
 
-def build_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: str,
-                  workdir: str | Path, secrets: Sequence[str],
+def build_kernels(cfg: Any, config_name: str, owner: str, workdir: str | Path,
+                  secrets: Sequence[str],
                   kinds: Sequence[str] = ("train", "infer"),
                   source: packaging.PackedDataset | None = None, **plan_options) -> KernelBuild:
-    """<workdir>/datasets/<source slug> and <workdir>/kernels/<kernel slug>, secrets refused.
+    """<workdir>/datasets/<source slug> and <workdir>/kernels/<kernel slug>, secrets refused;
+    `cfg` is the resolved config both kernels run, `config_name` names them.
 
     source: a source dataset packed before (a chain's later sessions run the source it uploaded
     at its start, whatever the working tree holds by then)."""
@@ -40,7 +41,7 @@ def build_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: s
         source = packaging.pack_source(PACKAGE_DIR, workdir / "datasets" / source_slug,
                                        SOURCE_TEMPLATE, owner, secrets)
     wheels_ref = packaging.dataset_metadata(WHEELS_TEMPLATE, owner)["id"]
-    plans = plan_kernels(cfg, config_name, overrides, owner, source_ref=source.ref,
+    plans = plan_kernels(cfg, config_name, owner, source_ref=source.ref,
                          wheels_ref=wheels_ref, source_hash=source.content_hash, **plan_options)
     folders = {kind: write_kernel(plans[kind], workdir / "kernels") for kind in kinds}
     for folder in folders.values():

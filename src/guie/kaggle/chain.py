@@ -18,7 +18,7 @@ push to its end (`guie.kaggle.preflight`); `max_quota_hours` caps what this chai
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -26,7 +26,8 @@ from typing import Callable, Literal, Sequence
 from guie.kaggle import preflight
 from guie.kaggle.build import build_kernels, pin_dataset_sources, pinned_versions, upload_datasets
 from guie.kaggle.inputs import RUN_MARKER
-from guie.kaggle.notebooks import EXPORT_MARKER, run_identity
+from guie.kaggle.notebooks import EXPORT_MARKER
+from guie.kaggle.run_config import run_identity
 from guie.kaggle.sessions import STALE_GRACE_S, wait_for_push
 
 Until = Literal["trained", "exported", "submitted"]
@@ -40,20 +41,20 @@ class ChainStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class ChainSettings:
-    config_name: str
-    overrides: tuple[str, ...]
+    """How the chain runs; what it trains is the resolved config given to `Chain` (its
+    `max_hours` is each training session's budget)."""
+    config_name: str  # names the kernels and the state file
+    overrides: tuple[str, ...]  # as typed, for the state file's reader
     owner: str
     workdir: Path
     secrets: tuple[str, ...]
     python_version: str
     until: Until = "submitted"
-    max_hours: float = 11.0  # per training session
     max_quota_hours: float | None = None  # GPU hours this chain may spend (None: no own cap)
     machine_shape: str = "NvidiaTeslaT4"
     daily_cap: int = 5
     poll_s: float = 15.0
     stale_grace_s: float = STALE_GRACE_S  # see guie.kaggle.sessions
-    plan_options: dict = field(default_factory=dict)  # more plan_kernels options (compat, ...)
 
 
 def _now() -> str:
@@ -94,14 +95,15 @@ def _hours(run: dict, start: str = "session_started_at", end: str = "session_end
     return max((ended - started).total_seconds() / 3600, 0.0)
 
 
-def describe(settings: ChainSettings, num_stages: int) -> list[str]:
+def describe(settings: ChainSettings, cfg) -> list[str]:
     """The chain `run --dry-run` shows: what it would push, in order, with its limits."""
     cap = (f" or pass the chain's own cap of {settings.max_quota_hours:g} h"
            if settings.max_quota_hours is not None else "")
-    lines = [f"1. training sessions of up to {settings.max_hours:g} h each ({num_stages} stages), "
+    num_stages = len([s for s in cfg.stages if s.enabled])
+    lines = [f"1. training sessions of up to {cfg.max_hours:g} h each ({num_stages} stages), "
              "each resuming from the previous session's output, until the stages are done; "
              f"stops before a session (counted from push to end, up to "
-             f"{preflight.session_bound_h(settings.max_hours):.2f} h) that the GPU quota left "
+             f"{preflight.session_bound_h(cfg.max_hours):.2f} h) that the GPU quota left "
              f"cannot finish{cap}"]
     if settings.until in ("exported", "submitted"):
         lines.append("2. the inference kernel on the last training output; its submission.zip "
@@ -123,10 +125,9 @@ class Chain:
     # -- building and pushing ------------------------------------------------------------------
 
     def _build(self, kinds: Sequence[str], session: int = 1, **options):
-        build = build_kernels(self.cfg, self.s.config_name, list(self.s.overrides), self.s.owner,
-                              self.s.workdir, self.s.secrets, kinds=kinds, source=self._source,
-                              max_hours=self.s.max_hours, machine_shape=self.s.machine_shape,
-                              session=session, **self.s.plan_options, **options)
+        build = build_kernels(self.cfg, self.s.config_name, self.s.owner, self.s.workdir,
+                              self.s.secrets, kinds=kinds, source=self._source,
+                              machine_shape=self.s.machine_shape, session=session, **options)
         self._source = build.source  # packed once: every session runs what the chain uploaded
         return build
 
@@ -145,14 +146,16 @@ class Chain:
     def _start(self) -> None:
         """The datasets, once per chain (again only if the source changed)."""
         build = self._build(["train"])
-        run = run_identity(self.s.config_name, list(self.s.overrides), build.source.content_hash)
+        # The same for every session of this run, whatever max_hours or compat it is run with.
+        run = run_identity(self.cfg, build.source.content_hash)
         known = self.state.data.get("run")
         if known and known["run_id"] != run["run_id"] and self.state.sessions:
             raise ChainStopped(
                 f"{self.state.path}: this chain trains run {known['run_id']} (source "
-                f"{known['source_hash'][:12]}), but the config, overrides or source now make run "
-                f"{run['run_id']}; resuming it under other code would not reproduce it. Move the "
-                "state file away to start a new chain.")
+                f"{known['source_hash'][:12]}), but the config or the source now make run "
+                f"{run['run_id']} (what may change between sessions, such as max_hours or "
+                "export.compat, does not count); resuming it under another config or other code "
+                "would not reproduce it. Move the state file away to start a new chain.")
         options = {"download": self.download} if self.download else {}
         datasets = upload_datasets(self.client, build, self.s.owner, self.s.secrets,
                                    self.s.python_version, self.state.data.get("datasets", {}),
@@ -264,7 +267,7 @@ class Chain:
         set-up time earlier sessions spent before their notebooks' clocks started."""
         setup = [t["hours"] - t.get("notebook_hours", 0.0) for t in self.state.of_kind("train")
                  if t.get("hours")]
-        return preflight.session_bound_h(self.s.max_hours, setup)
+        return preflight.session_bound_h(self.cfg.max_hours, setup)
 
     def _over_quota(self, what: str, bound_h: float) -> bool:
         """Whether `what` must not start: the quota Kaggle reports (read now) cannot finish it,

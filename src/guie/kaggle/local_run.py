@@ -16,7 +16,7 @@ from guie.config import save_config
 from guie.kaggle import packaging
 from guie.kaggle.build import build_kernels
 from guie.kaggle.emulate import Archives, Layout, mount_folder, mount_notebook_output
-from guie.kaggle.notebooks import kernel_config, map_kaggle_paths
+from guie.kaggle.notebooks import map_kaggle_paths
 from guie.kaggle.platform import KAGGLE_PYTHON_FALLBACK
 from guie.experiment import stages_of
 from guie.pipeline import prepare, score_export, score_untrained, write_curves, write_report
@@ -38,20 +38,20 @@ def execute(notebook: Path, parameters: dict, executed: Path, cwd: Path, verbose
                                log_output=verbose, config=ipc)  # -v: the kernel's output, live
 
 
-def run_local_notebooks(config_name: str, overrides: list[str], out_dir: str,
-                        compat: str = "none", layout: Layout = "current",
+def run_local_notebooks(cfg, config_name: str, out_dir: str, layout: Layout = "current",
                         archives: Archives = "unpacked", verbose: bool = False) -> dict:
+    """`cfg`, resolved by the command, through both kernels (named after `config_name`), which
+    receive it as data; the report of the run."""
     out = Path(out_dir).resolve()
     cwd = Path.cwd()  # relative data roots resolve as they do in-process
-    cfg = kernel_config(config_name, overrides)
     session = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    # The training kernel writes config.json again as it ran (its inputs resolved where mounted).
     save_config(cfg, out / "config.json")
     report = {**score_untrained(session), "notebooks": str(out / "notebooks")}
 
     work, inputs = out / "kaggle", out / "kaggle" / "input"
-    build = build_kernels(cfg, config_name, overrides, LOCAL_OWNER, work, secrets=[],
-                          compat=compat)
+    build = build_kernels(cfg, config_name, LOCAL_OWNER, work, secrets=[])
     mount_folder(build.source.folder, build.source.ref, inputs, layout, archives)
     # This environment has the wheels installed already: the dataset holds only its marker, and
     # the kernel checks the installed versions instead.

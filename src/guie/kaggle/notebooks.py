@@ -8,33 +8,33 @@ the cell tagged `guie-inline` (the source dataset must be found before `guie` is
 `submit.py local` executes the same built notebook with papermill, `input_root` and `out_dir`
 pointed at local folders laid out as Kaggle mounts them (`guie.kaggle.emulate`).
 
-`kernel_config`, `prepare_resume`, `record_run` and `check_training_run` run inside the
-kernels; they import nothing heavy.
+The experiment travels as data: both kernels receive the resolved config as their `config`
+parameter and load it with `guie.kaggle.run_config.load_kernel_config`, never a config name
+plus override strings.
+
+`prepare_resume`, `record_run` and `check_training_run` run inside the kernels; they import
+nothing heavy.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import secrets
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from guie.errors import UserValueError
-from guie.kaggle.inputs import (KAGGLE_INPUT, PUSH_MARKER, RUN_MARKER, WEIGHTS_PREFIX, InputRef,
-                                is_kaggle_ref, parse_weights_ref, resolve_input,
-                                resolve_kaggle_path)
+from guie.kaggle.inputs import KAGGLE_INPUT, PUSH_MARKER, RUN_MARKER, resolve_input
 from guie.kaggle.platform import DEFAULT_MACHINE_SHAPE
+from guie.kaggle.run_config import config_parameter, run_identity, weights_datasets
 
 COMPETITION = "google-universal-image-embedding"
 KAGGLE_WORKING = "/kaggle/working"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "kernels"  # the repository's kernels/
-# In shipped configs' kaggle: references, as in datasets-metadata.
-OWNER_PLACEHOLDER = "KAGGLE_USERNAME"
 EXPORT_MARKER = "guie-export.json"  # beside submission.zip: the training run it came from
 INLINE_TAG = "guie-inline"  # a template cell replaced by the text of the module it names
 Kind = Literal["train", "infer", "probe"]
@@ -57,75 +57,6 @@ class KernelPlan:
 
 
 # ----------------------------------------------------------------------------- inside kernels
-
-
-def _source_location(location: str, slug: str) -> str:
-    """A source's location inside its dataset: a leading folder named after the slug (the legacy
-    mount, where the data root was /kaggle/input) is the dataset itself."""
-    parts = Path(location).parts
-    return str(Path(*parts[1:])) if parts and parts[0] == slug else location
-
-
-def resolve_config_inputs(cfg, input_root: str):
-    """The config with every Kaggle reference in it replaced by where it is mounted: data and
-    evaluation sources by their kaggle_slug, `kaggle:OWNER/SLUG/FILE` weights, soup and concat
-    runs."""
-    def located(src):
-        if not src.kaggle_slug:
-            return src
-        ref = InputRef("dataset", *src.kaggle_slug.split("/"))
-        folder = resolve_input(ref, input_root)
-        inner = _source_location(src.location, ref.slug)
-        return replace(src, location=str(folder / inner) if inner not in ("", ".") else str(folder))
-    data = replace(cfg.data, sources=tuple(map(located, cfg.data.sources)),
-                   eval_sources=tuple(map(located, cfg.data.eval_sources)))
-    model = replace(cfg.model,
-                    pretrained_path=resolve_kaggle_path(cfg.model.pretrained_path, input_root))
-    export = replace(cfg.export,
-                     soup=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.soup),
-                     concat=tuple(resolve_kaggle_path(r, input_root) for r in cfg.export.concat))
-    return replace(cfg, data=data, model=model, export=export)
-
-
-def kernel_config(config_name: str, overrides: Sequence[str], data_root: str = "",
-                  input_root: str | None = None):
-    """The experiment config a kernel runs: a shipped config, the overrides, the data root, and
-    (input_root given) its Kaggle references resolved to where this session mounts them."""
-    from guie.configs import resolve_config
-
-    extra = [f"data.root={data_root}"] if data_root else []
-    cfg = resolve_config(config_name, [*overrides, *extra])
-    return resolve_config_inputs(cfg, input_root) if input_root is not None else cfg
-
-
-def weights_datasets(cfg) -> list[str]:
-    """owner/slug of every dataset the config's `kaggle:` references name."""
-    values = [cfg.model.pretrained_path, *cfg.export.soup, *cfg.export.concat]
-    return list(dict.fromkeys(parse_weights_ref(v)[0].ref for v in values if is_kaggle_ref(v)))
-
-
-def owner_overrides(cfg, owner: str) -> list[str]:
-    """Overrides that put the pushing user's name into `kaggle:KAGGLE_USERNAME/...` references,
-    so a shipped recipe can name the dataset `push-weights` creates for whoever pushes it."""
-    placeholder = f"{WEIGHTS_PREFIX}{OWNER_PLACEHOLDER}/"
-
-    def own(value: str) -> str:
-        return value.replace(placeholder, f"{WEIGHTS_PREFIX}{owner}/", 1)
-    overrides = []
-    if cfg.model.pretrained_path.startswith(placeholder):
-        overrides.append(f"model.pretrained_path={own(cfg.model.pretrained_path)}")
-    for key in ("soup", "concat"):
-        values = getattr(cfg.export, key)
-        if any(v.startswith(placeholder) for v in values):
-            overrides.append(f"export.{key}={json.dumps([own(v) for v in values])}")
-    return overrides
-
-
-def run_identity(config_name: str, overrides: Sequence[str], source_hash: str) -> dict:
-    """What identifies a training run: the config, its overrides and the source it runs."""
-    body = {"config_name": config_name, "overrides": list(overrides), "source_hash": source_hash}
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    return {"run_id": digest, **body}
 
 
 def record_run(out_dir: str, run: dict, status: str, report: dict | None = None,
@@ -161,9 +92,8 @@ def check_training_run(checkpoint_dir: str | Path, expected: dict) -> str:
     if found.get("run_id") != expected.get("run_id"):
         raise NotebookError(
             f"{checkpoint_dir} holds training run {found.get('run_id', 'unknown')} (config "
-            f"{found.get('config_name')!r}, overrides {found.get('overrides')}, source "
-            f"{str(found.get('source_hash', ''))[:12]}), not run {expected.get('run_id')} (config "
-            f"{expected.get('config_name')!r}, overrides {expected.get('overrides')}, source "
+            f"{found.get('config_name')!r}, source {str(found.get('source_hash', ''))[:12]}), not "
+            f"run {expected.get('run_id')} (config {expected.get('config_name')!r}, source "
             f"{str(expected.get('source_hash', ''))[:12]}) that this kernel was built for. Kaggle "
             "attached the training kernel's previous output: wait until the training kernel "
             "has finished (`submit.py status --wait`), then `submit.py push --kernels infer`.")
@@ -245,20 +175,20 @@ def new_push_nonce() -> str:
     return secrets.token_hex(8)
 
 
-def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: str, *,
-                 source_ref: str, wheels_ref: str, source_hash: str, max_hours: float = 11.0,
-                 compat: str = "none", data_root: str = "",
+def plan_kernels(cfg: Any, config_name: str, owner: str, *,
+                 source_ref: str, wheels_ref: str, source_hash: str,
                  resume_kernel: str | None = None, extra_datasets: Sequence[str] = (),
                  machine_shape: str = DEFAULT_MACHINE_SHAPE, private: bool = True,
                  train_internet: bool = False, expected_run: dict | None = None,
                  session: int = 1, checkpoint_kernel: str | None = None,
                  push_nonce: str | None = None) -> dict[Kind, KernelPlan]:
-    """Parameters and metadata of both kernels for one experiment.
+    """Parameters and metadata of both kernels for one experiment: `cfg`, resolved, is what
+    both kernels run (`config_name` names the kernels).
 
     Every input travels as a reference the kernel resolves (`guie.kaggle.inputs`); data sources
     by their kaggle_slug, weights by their `kaggle:` reference, both attached here.
     expected_run: the training run the inference kernel must find (default: the run this
-    config, these overrides and this source make). session > 1: the training kernel of that
+    config and this source make). session > 1: the training kernel of that
     session of a chained run (`guie.kaggle.chain`), its own kernel; checkpoint_kernel: the
     training kernel whose output the inference kernel reads (default: this plan's).
     """
@@ -268,18 +198,17 @@ def plan_kernels(cfg: Any, config_name: str, overrides: Sequence[str], owner: st
               "infer": kernel_title("infer", config_name)}
     refs = {kind: f"{owner}/{slugify_title(title)}" for kind, title in titles.items()}
     checkpoint_kernel = checkpoint_kernel or refs["train"]
-    run = run_identity(config_name, overrides, source_hash)
+    run = run_identity(cfg, source_hash)
     common = {
-        "config_name": config_name, "overrides": list(overrides), "source_hash": source_hash,
+        "config": config_parameter(cfg), "source_hash": source_hash,
         "input_root": KAGGLE_INPUT, "source_input": f"dataset:{source_ref}",
-        "wheels_input": f"dataset:{wheels_ref}", "data_root": data_root,
+        "wheels_input": f"dataset:{wheels_ref}",
         "out_dir": KAGGLE_WORKING, "push_nonce": push_nonce or new_push_nonce(),
     }
     resume_input = f"notebook:{resume_kernel}" if resume_kernel else ""
-    train_params = {**common, "run": run, "resume_input": resume_input,
-                    "max_hours": float(max_hours)}
+    train_params = {**common, "run": run, "resume_input": resume_input}
     infer_params = {**common, "checkpoint_input": f"notebook:{checkpoint_kernel}",
-                    "expected_run": expected_run or run, "compat": compat}
+                    "expected_run": expected_run or run}
     base_sources = [source_ref, wheels_ref, *weights_datasets(cfg), *extra_datasets]
     train_meta = kernel_metadata(
         refs["train"], titles["train"], "train.ipynb", enable_gpu=True,
