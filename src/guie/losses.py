@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guie.config import LossConfig, StageConfig
+from guie.errors import UserValueError
 
 
 def fp32_region(device: torch.device):
@@ -102,7 +103,7 @@ class CosFace(ArcFace):
 def build_loss(cfg: LossConfig, embed_dim: int, num_classes: int) -> ArcFace:
     kinds = {"arcface": ArcFace, "cosface": CosFace}
     if cfg.name not in kinds:
-        raise ValueError(f"loss.name: unknown loss {cfg.name!r} (known: {sorted(kinds)})")
+        raise UserValueError(f"loss.name: unknown loss {cfg.name!r} (known: {sorted(kinds)})")
     return kinds[cfg.name](embed_dim, num_classes, cfg.scale, cfg.margin_rad, cfg.subcenters)
 
 

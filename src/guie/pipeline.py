@@ -17,6 +17,7 @@ import torch
 from guie.config import DataConfig, ExperimentConfig, save_config
 from guie.data.preprocess import Preprocess
 from guie.data.sources import Split
+from guie.errors import UserValueError
 from guie.experiment import load_experiment_split, stages_of
 from guie.export.build import (SUBMISSION_DIM, export_submission, fit_export_reduction,
                                replace_head_with_linear)
@@ -59,7 +60,8 @@ def eval_source_rows(cfg: DataConfig, train: pd.DataFrame) -> tuple:
 def num_classes_of(cfg: ExperimentConfig, split: Split) -> int:
     top = int(split.train["label"].max()) + 1
     if cfg.num_classes and top > cfg.num_classes:
-        raise ValueError(f"num_classes={cfg.num_classes} but the training labels reach {top - 1}")
+        raise UserValueError(f"num_classes={cfg.num_classes} but the training labels reach "
+                             f"{top - 1}")
     return cfg.num_classes or top
 
 
@@ -120,8 +122,8 @@ def train(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
 def score_untrained(session: Session) -> dict:
     """The report's opening: the data split and the mP@5 of the model before any training."""
     if session.evaluator is None:
-        raise ValueError(f"config {session.cfg.name!r} holds out no classes: nothing to score "
-                         "locally (set data.heldout_classes > 0)")
+        raise UserValueError(f"config {session.cfg.name!r} holds out no classes: nothing to score "
+                             "locally (set data.heldout_classes > 0)")
     split = session.split
     print(f"scoring the untrained model first ({len(split.query)} held-out queries): the "
           "baseline every stage must beat", flush=True)

@@ -4,13 +4,13 @@ Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its su
 sets `func` on them; `func(args) -> int` is the exit status.
 
 Errors. A mistake the user can fix (a config name or override, a path, a file of the wrong kind,
-data that is missing, a Kaggle answer) ends in one line `error: ...` on stderr and exit status 2;
-the message comes from where the mistake is found (`guie.config.ConfigError`, `DataError`,
-`KaggleError`, ... or `UserError` below for the command line's own checks). Anything else is a
-bug of the kit and keeps its traceback. `--debug` (before or after the command) or GUIE_DEBUG=1
-prints the traceback of a user error too. Exit statuses: 0 done, 1 a run that failed (a kernel
-in ERROR, a dataset that did not download), 2 a user error, 3 a run stopped before it finished,
-130 interrupted.
+data that is missing, a Kaggle answer) ends in one line `error: ...` on stderr and exit status 2.
+The message comes from where the mistake is found, as a `guie.errors.UserError` (`ConfigError`,
+`DataError`, `KaggleError`, ... and the command line's own checks), or as an OS error about a
+path the user gave. Anything else is a bug of the kit and keeps its traceback. `--debug` (before
+or after the command) or GUIE_DEBUG=1 prints the traceback of a user error too. Exit statuses:
+0 done, 1 a run that failed (a kernel in ERROR, a dataset that did not download), 2 a user
+error, 3 a run stopped before it finished, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -29,26 +29,12 @@ from guie.errors import UserError
 COMMAND_MODULES = ("local", "kaggle_cmds", "kaggle_run", "data_cmds", "search", "plan_cmd",
                    "eval_cmd")
 USER_ERROR_STATUS = 2
-# The kit's own exception types that mean "the user can fix this", by module. Looked up only in
-# modules already imported, so that checking an error never imports `kaggle` (which prints its
-# authentication help at import time).
-_USER_ERROR_TYPES = (
-    ("guie.config_io", "ConfigError"),
-    ("guie.data.errors", "DataError"),
-    ("guie.kaggle.results", "KaggleError"),
-    ("guie.kaggle.packaging", "PackagingError"),
-    ("guie.kaggle.notebooks", "NotebookError"),
-    ("guie.kaggle.platform", "PlatformError"),
-    ("guie.retrieval.index", "ModelContractError"),
-    ("guie.retrieval.model_file", "ModelFileError"),
-)
 # A path the user gave that is missing or of the wrong kind.
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-_KIT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
-                  for name in ("guie", "guie_cli"))
 # A file of the kit itself that is missing (a notebook template) is a broken install, not a
 # path the user gave.
-_KIT_FILES = (*_KIT_DIRS, str(Path(__file__).resolve().parents[2] / "kernels") + os.sep)
+_KIT_FILES = tuple(str(Path(__file__).resolve().parents[i] / name) + os.sep
+                   for i, name in ((1, "guie"), (1, "guie_cli"), (2, "kernels")))
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -139,9 +125,7 @@ def run_parsed(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message of an error the user can fix, or None for a bug of the kit."""
-    kinds = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERROR_TYPES
-                  if module in sys.modules)
-    if isinstance(exc, (UserError, *kinds)):
+    if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, _PATH_ERRORS):
         if isinstance(exc.filename, (str, os.PathLike)) and os.path.realpath(
@@ -150,16 +134,4 @@ def user_error_message(exc: BaseException) -> str | None:
         if exc.filename is not None and exc.strerror:  # from the OS: "[Errno 2] ..." reworded
             return f"{exc.filename}: {exc.strerror[0].lower()}{exc.strerror[1:]}"
         return str(exc) or None
-    if isinstance(exc, ValueError) and _raised_by_the_kit(exc):
-        # The kit's own checks of arguments and settings raise ValueError with a message made
-        # for the user; a ValueError from inside torch, numpy or the standard library, or from
-        # a kit line that is no `raise` (int("x") on a bad value), is a bug.
-        return str(exc)
     return None
-
-
-def _raised_by_the_kit(exc: BaseException) -> bool:
-    """Whether `exc` comes from a `raise` statement in the kit's own source."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return (bool(frames) and os.path.realpath(frames[-1].filename).startswith(_KIT_DIRS)
-            and (frames[-1].line or "").lstrip().startswith("raise"))

@@ -141,13 +141,34 @@ def test_which_errors_are_the_users():
         assert user_error_message(exc) is None
 
     from guie.data.fetch import DatasetRef
+    from guie.errors import UserError
 
-    with pytest.raises(ValueError) as checked:  # the kit's own `raise` of a check: for the user
+    with pytest.raises(UserError) as checked:  # the kit's own check of a user value
         DatasetRef.parse("just-a-slug")
+    assert isinstance(checked.value, ValueError)  # callers catching ValueError still do
     assert user_error_message(checked.value).startswith("'just-a-slug': expected a Kaggle dataset")
     with pytest.raises(ValueError) as slipped:  # "²".isdigit() passes the check, int() fails
         DatasetRef.parse("owner/slug/²")
-    assert user_error_message(slipped.value) is None  # a kit line that is no raise: a bug
+    assert user_error_message(slipped.value) is None  # not a UserError: a bug
+    # Only the type decides: a kit invariant's ValueError is a bug wherever it is raised.
+    assert user_error_message(ValueError("internal invariant")) is None
+
+
+def test_every_error_the_kit_declares_for_users_is_a_user_error():
+    """The exception types the kit raises for user mistakes all derive from guie.errors.UserError,
+    so the command line needs no table of them."""
+    import importlib
+
+    from guie.errors import UserError
+
+    for module, name in [("guie.config_io", "ConfigError"), ("guie.data.errors", "DataError"),
+                         ("guie.kaggle.results", "KaggleError"),
+                         ("guie.kaggle.packaging", "PackagingError"),
+                         ("guie.kaggle.notebooks", "NotebookError"),
+                         ("guie.kaggle.platform", "PlatformError"),
+                         ("guie.retrieval.index", "ModelContractError"),
+                         ("guie.retrieval.model_file", "ModelFileError")]:
+        assert issubclass(getattr(importlib.import_module(module), name), UserError), name
 
 
 def test_a_bad_dataset_reference_in_data_fetch(capsys):

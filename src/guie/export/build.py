@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from guie.config import ExperimentConfig, load_config, save_config
 from guie.data.augment import EvalTransform
 from guie.data.preprocess import Preprocess
+from guie.errors import UserValueError
 from guie.experiment import load_experiment_split, stages_of
 from guie.export.compat import export_compat_submission_zip
 from guie.export.script import export_concat_submission_zip, export_submission_zip
@@ -66,7 +67,7 @@ def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
     out.mkdir(parents=True, exist_ok=True)
     compat = compat if compat != "none" else cfg.export.compat
     if compat not in ("none", "torch1.11"):
-        raise ValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
+        raise UserValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
     if cfg.export.concat:
         zip_path = export_concat(cfg, (model, preprocess), out, compat)
     else:
@@ -82,8 +83,8 @@ def _export_one(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Prepro
     _check_submission_dim(out_dim)
     if compat == "torch1.11":
         if cfg.export.tta:
-            raise ValueError(f"export.tta={list(cfg.export.tta)}: the torch1.11 export does not "
-                             "support test-time views; export with compat=none or tta=[]")
+            raise UserValueError(f"export.tta={list(cfg.export.tta)}: the torch1.11 export does "
+                                 "not support test-time views; export with compat=none or tta=[]")
         if reduction is not None:
             model = replace_head_with_linear(model, reduction)
         return export_compat_submission_zip(model, preprocess, out,
@@ -94,9 +95,9 @@ def _export_one(cfg: ExperimentConfig, model: EmbeddingModel, preprocess: Prepro
 
 def _check_submission_dim(out_dim: int) -> None:
     if out_dim != SUBMISSION_DIM:
-        raise ValueError(f"export: the embeddings are {out_dim}-d but the competition takes "
-                         f"{SUBMISSION_DIM}: set export.reduction (pca, whiten, avg_pool) with "
-                         f"reduction_dim={SUBMISSION_DIM}, or model.embed_dim={SUBMISSION_DIM}")
+        raise UserValueError(f"export: the embeddings are {out_dim}-d but the competition takes "
+                             f"{SUBMISSION_DIM}: set export.reduction (pca, whiten, avg_pool) with "
+                             f"reduction_dim={SUBMISSION_DIM}, or model.embed_dim={SUBMISSION_DIM}")
 
 
 def load_souped(cfg: ExperimentConfig, checkpoint: str | Path) -> tuple[EmbeddingModel,
@@ -124,8 +125,8 @@ def export_concat(cfg: ExperimentConfig, first: tuple[EmbeddingModel, Preprocess
     `export.reduction` fitted on the concatenation. `export.tta` and `fp16_weights` apply to
     every tower."""
     if compat != "none":
-        raise ValueError("export.concat: the torch1.11 export holds one backbone; export with "
-                         "compat=none or concat=[]")
+        raise UserValueError("export.concat: the torch1.11 export holds one backbone; export with "
+                             "compat=none or concat=[]")
     towers = [first]
     for run in cfg.export.concat:
         towers.append(load_souped(run_config(run), run))

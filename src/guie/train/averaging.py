@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from guie.errors import UserValueError
+
 
 class EMA:
     """Shadow copies of the trained parameters, updated after every optimizer step.
@@ -15,7 +17,7 @@ class EMA:
 
     def __init__(self, params: list[nn.Parameter], decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+            raise UserValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.params = params
         self.decay = decay
         self.shadow = [p.detach().clone() for p in params]
@@ -35,8 +37,8 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"EMA state tracks {len(state['shadow'])} tensors, this stage "
-                             f"{len(self.shadow)}: the checkpoint is from another stage config")
+            raise UserValueError(f"EMA state tracks {len(state['shadow'])} tensors, this stage "
+                                 f"{len(self.shadow)}: the checkpoint is from another stage config")
         for avg, saved in zip(self.shadow, state["shadow"], strict=True):
             avg.copy_(saved)
 
@@ -52,7 +54,7 @@ def average_into(model: nn.Module, others: list[nn.Module]) -> nn.Module:
             continue
         for i, state in enumerate(states):
             if name not in state or state[name].shape != value.shape:
-                raise ValueError(f"soup: ingredient {i + 1} has no matching {name!r}")
+                raise UserValueError(f"soup: ingredient {i + 1} has no matching {name!r}")
         total = value.double() + sum(s[name].double() for s in states)
         value.copy_((total / (1 + len(states))).to(value.dtype))
     return model

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from guie.errors import UserValueError
+
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write to a temporary file then rename: a crash mid-write never leaves a torn checkpoint."""
@@ -27,7 +29,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a torn or foreign file: say which
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+        raise UserValueError(f"{path}: not a readable checkpoint ({e})") from e
 
 
 def rng_state() -> dict:
@@ -103,8 +105,8 @@ def predict_output_bytes(cfg, num_classes: int = 0) -> OutputSize:
 
     classes = num_classes or cfg.num_classes
     if classes <= 0:
-        raise ValueError(f"config {cfg.name!r}: num_classes is 0 (inferred from the data); "
-                         "pass num_classes to predict the class centres' size")
+        raise UserValueError(f"config {cfg.name!r}: num_classes is 0 (inferred from the data); "
+                             "pass num_classes to predict the class centres' size")
     meta_cfg = replace(cfg, model=replace(cfg.model, pretrained_path="", grad_checkpointing=False))
     with torch.device("meta"):
         model, preprocess = build_model(meta_cfg)

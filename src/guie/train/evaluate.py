@@ -17,6 +17,7 @@ from guie.benchmark import score_source
 from guie.data.augment import EvalTransform
 from guie.data.dataset import ImageDataset
 from guie.data.preprocess import Preprocess
+from guie.errors import UserValueError
 from guie.metrics import evaluate_embeddings
 from guie.model import EmbeddingModel
 from guie.train import dist
@@ -70,7 +71,7 @@ def shared_features(model: EmbeddingModel, df: pd.DataFrame, transform, batch_si
     torch_dist.all_gather_object(parts, part)
     dims = {p[0].shape[1] for p in parts if p is not None}
     if not dims:
-        raise ValueError(f"{desc}: not one of {len(df)} images could be read")
+        raise UserValueError(f"{desc}: not one of {len(df)} images could be read")
     (dim,) = dims
     features = torch.zeros(len(df), dim)
     valid = torch.zeros(len(df), dtype=torch.bool)

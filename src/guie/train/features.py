@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from guie.data.dataset import ImageDataset, collate_skip_bad
+from guie.errors import UserValueError
 from guie.model import EmbeddingModel
 from guie.train import dist
 from guie.train.amp import inference_autocast
@@ -61,7 +62,7 @@ def compute_features(model: EmbeddingModel, df: pd.DataFrame, transform, batch_s
         out[batch.indices] = feats.to(feature_dtype)
         valid[batch.indices] = True
     if out is None:
-        raise ValueError(f"{desc}: not one of {len(df)} images could be read")
+        raise UserValueError(f"{desc}: not one of {len(df)} images could be read")
     return out, valid
 
 

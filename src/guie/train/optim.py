@@ -9,6 +9,7 @@ from torch import nn
 
 from guie.backbones import backbone_of
 from guie.config import StageConfig
+from guie.errors import UserValueError
 from guie.model import EmbeddingModel
 
 
@@ -56,11 +57,11 @@ def trainable(stage: StageConfig, num_blocks: int) -> Trainable:
         elif blocks and int(blocks[1]) <= int(blocks[2]) < num_blocks:
             layers.update(range(int(blocks[1]) + 1, int(blocks[2]) + 2))
         else:
-            raise ValueError(f"{stage.name}.train: {item!r} is not one of head, centres, backbone, "
-                             f"backbone_stem, backbone_top, all, blocks:I-J with "
-                             f"0 <= I <= J < {num_blocks} (this backbone's blocks)")
+            raise UserValueError(f"{stage.name}.train: {item!r} is not one of head, centres, "
+                                 f"backbone, backbone_stem, backbone_top, all, blocks:I-J with "
+                                 f"0 <= I <= J < {num_blocks} (this backbone's blocks)")
     if not (head or centres or layers):
-        raise ValueError(f"{stage.name}.train: nothing to train")
+        raise UserValueError(f"{stage.name}.train: nothing to train")
     return Trainable(head, centres, frozenset(layers))
 
 

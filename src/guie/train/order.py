@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from guie.errors import UserValueError
+
 
 class BatchOrder:
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if num_items <= 0:
-            raise ValueError("no training items: check the data sources and class filters")
+            raise UserValueError("no training items: check the data sources and class filters")
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed

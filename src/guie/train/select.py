@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from guie.config import StageConfig
+from guie.errors import UserValueError
 from guie.model import EmbeddingModel
 from guie.train import dist
 from guie.train.checkpoint import load_checkpoint, load_stage_state, save_checkpoint
@@ -29,8 +30,8 @@ def selection_key(stage: StageConfig, evaluator: Evaluator | None) -> str | None
         return "map5"
     if stage.select_by in names:
         return f"map5_{stage.select_by}"
-    raise ValueError(f"{stage.name}.select_by={stage.select_by!r}: choose one of "
-                     f"{', '.join(options)} (the evaluation sources are data.eval_sources)")
+    raise UserValueError(f"{stage.name}.select_by={stage.select_by!r}: choose one of "
+                         f"{', '.join(options)} (the evaluation sources are data.eval_sources)")
 
 
 def keep_if_best(best: dict | None, key: str | None, row: dict, result: dict, batch: int,

@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 
 from guie.config import ExperimentConfig, StageConfig
 from guie.config_io import to_dict
+from guie.errors import UserValueError
 from guie.model import EmbeddingModel
 from guie.train import dist
 from guie.train.checkpoint import (load_checkpoint, load_stage_state, rng_state, save_checkpoint,
@@ -97,10 +98,10 @@ def resume_stage(run: StageRun, ckpt: dict | None, last_path: Path) -> None:
     if saved_key != run.order_key:
         changed = {k: (saved_key.get(k), v) for k, v in run.order_key.items()
                    if saved_key.get(k) != v}
-        raise ValueError(f"{last_path}: cannot resume, the data order changed since it was "
-                         f"saved (was, now): {changed}; samples_per_step is batch_size x "
-                         "ranks x grad_accum: restore them or start the stage again (delete "
-                         "the checkpoint)")
+        raise UserValueError(f"{last_path}: cannot resume, the data order changed since it was "
+                             f"saved (was, now): {changed}; samples_per_step is batch_size x "
+                             "ranks x grad_accum: restore them or start the stage again (delete "
+                             "the checkpoint)")
     load_stage_state(run.ctx.model, run.ctx.loss_fn, ckpt["model"])
     run.step.reload_weights()  # under FSDP: the shards from the loaded full weights
     run.step.load_state_dict(ckpt)

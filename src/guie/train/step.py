@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from guie.config import StageConfig
+from guie.errors import UserValueError
 from guie.losses import ArcFace
 from guie.model import EmbeddingModel
 from guie.train.amp import amp_settings
@@ -96,9 +97,9 @@ class StageStep:
         self.runner: nn.Module = self.plain
         if self.parallel == PARALLEL_FSDP:
             if stage.ema_decay:
-                raise ValueError(f"{stage.name}: ema_decay with parallel='fsdp' is not "
-                                 f"supported (the average would be sharded); set "
-                                 f"{stage.name}.parallel=ddp")
+                raise UserValueError(f"{stage.name}: ema_decay with parallel='fsdp' is not "
+                                     f"supported (the average would be sharded); set "
+                                     f"{stage.name}.parallel=ddp")
             # On a GPU only the shards live there while the stage trains; the plain model
             # waits on the CPU (ViT-H fp32: 2.5 GB) for evaluation points and checkpoints.
             self.plain.to("cpu")
