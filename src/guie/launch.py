@@ -109,7 +109,7 @@ def train_on_all_gpus(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
     if nproc <= 1 and rdzv.nnodes <= 1:
         from guie.pipeline import train
 
-        return {**train(cfg, out_dir, resume=resume, max_hours=cfg.max_hours), "processes": 1}
+        return {**train(cfg, out_dir, resume=resume), "processes": 1}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The workers load the resolved config as data, never resolve a name again. One file per
@@ -238,8 +238,7 @@ def worker(args: argparse.Namespace) -> int:
         else:
             from guie.pipeline import train
 
-            cfg = load_config(args.config_json)
-            report = train(cfg, args.out, resume=not args.restart, max_hours=cfg.max_hours)
+            report = train(load_config(args.config_json), args.out, resume=not args.restart)
     except RuntimeError as error:
         if not dist.is_collective_timeout(error):
             raise

@@ -86,9 +86,9 @@ def prepare(cfg: ExperimentConfig) -> Session:
                    heldout_photos)
 
 
-def run_training(session: Session, out_dir: Path, resume: bool = True,
-                 max_hours: float = 0.0) -> dict:
-    """All enabled stages in order; returns {"status", "map5_<stage>", ...}."""
+def run_training(session: Session, out_dir: Path, resume: bool = True) -> dict:
+    """All enabled stages in order, within the config's `max_hours` (all stages together);
+    returns {"status", "map5_<stage>", ...}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():  # what `export.concat` and `export.soup` read back
@@ -96,10 +96,12 @@ def run_training(session: Session, out_dir: Path, resume: bool = True,
     report: dict = {"status": "done"}
     started = time.monotonic()
     context = session.train_context(out_dir)
+    max_hours = session.cfg.max_hours
     for stage in stages_of(session.cfg):
         if max_hours:
-            left = max_hours - (time.monotonic() - started) / 3600
-            stage = replace(stage, max_hours=max(left, 1e-6))
+            left = max(max_hours - (time.monotonic() - started) / 3600, 1e-6)
+            # The stricter of what the session has left and the stage's own limit.
+            stage = replace(stage, max_hours=min(left, stage.max_hours or left))
         outcome = run_stage(context, stage, resume=resume)
         if outcome.status == "paused":
             report["status"] = "paused"
@@ -113,10 +115,10 @@ def run_training(session: Session, out_dir: Path, resume: bool = True,
     return report
 
 
-def train(cfg: ExperimentConfig, out_dir: str, resume: bool = True,
-          max_hours: float = 0.0) -> dict:
-    """Train every enabled stage of `cfg` into `out_dir` (resuming what is there)."""
-    return run_training(prepare(cfg), Path(out_dir), resume=resume, max_hours=max_hours)
+def train(cfg: ExperimentConfig, out_dir: str, resume: bool = True) -> dict:
+    """Train every enabled stage of `cfg` into `out_dir` (resuming what is there), stopping
+    cleanly at the config's `max_hours`."""
+    return run_training(prepare(cfg), Path(out_dir), resume=resume)
 
 
 def score_untrained(session: Session) -> dict:
@@ -193,8 +195,7 @@ def score_export(session: Session, out: Path) -> dict:
             "submission_mb": round(zip_path.stat().st_size / 2**20, 2)}
 
 
-def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,
-              compat: str = "none") -> dict:
+def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False) -> dict:
     """The whole path on this machine: untrained eval, stages, export, eval through the export."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str, resume: bool = False,
     report = score_untrained(session)
     report.update(run_training(session, out, resume=resume))
     if report["status"] == "done":
-        export_submission(session.cfg, str(out), str(out), compat=compat)
+        export_submission(session.cfg, str(out), str(out))
         report.update(score_export(session, out))
     return write_report(out, report)
 

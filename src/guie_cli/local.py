@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from guie.pipeline import train
 
     cfg = config_from_args(args)
-    report = train(cfg, args.out, resume=not args.restart, max_hours=cfg.max_hours)
+    report = train(cfg, args.out, resume=not args.restart)
     print(json.dumps({k: v for k, v in report.items() if "per_domain" not in k}, indent=2))
     return 0 if report["status"] == "done" else 3
 

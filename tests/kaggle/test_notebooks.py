@@ -196,6 +196,9 @@ def test_run_identity_leaves_out_what_may_change_between_sessions():
                     apply_overrides(smoke, ["data.heldout_classes=3"]), replace(smoke, seed=1)):
         assert run_identity(changed, "ab" * 32)["run_id"] != same["run_id"]
     assert run_identity(smoke, "cd" * 32)["run_id"] != same["run_id"]
+    # the same from the config read back from its JSON (smoke's recipe writes `epochs=4`)
+    assert get_config("tiny").stages[0].epochs == 40 and isinstance(smoke.stages[1].epochs, int)
+    assert run_identity(load_kernel_config(config_parameter(smoke), "/nowhere"), "ab" * 32) == same
 
 
 @pytest.mark.parametrize("layout", ["current", "legacy"])

@@ -56,7 +56,7 @@ def load_trained(cfg: ExperimentConfig, checkpoint: str | Path) -> tuple[Embeddi
 
 
 def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
-                      compat: str = "none") -> Path:
+                      compat: str | None = None) -> Path:
     """Export a trained model as `out_dir/submission.zip` after checking the contract.
 
     Soup ingredients (`export.soup`) are averaged in, then the reduction is fitted and folded.
@@ -65,7 +65,9 @@ def export_submission(cfg: ExperimentConfig, checkpoint: str, out_dir: str,
     model, preprocess = load_souped(cfg, checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    compat = compat if compat != "none" else cfg.export.compat
+    # The config's export.compat (the command line's --compat sets it); `compat`, given, is a
+    # library caller's mode for this export, "none" included.
+    compat = cfg.export.compat if compat is None else compat
     if compat not in ("none", "torch1.11"):
         raise UserValueError(f"export.compat: unknown mode {compat!r} (none, torch1.11)")
     if cfg.export.concat:

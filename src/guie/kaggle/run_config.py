@@ -63,8 +63,12 @@ def load_kernel_config(config: dict, input_root: str) -> ExperimentConfig:
 
 def config_parameter(cfg: ExperimentConfig) -> dict:
     """The resolved config as a notebook parameter: its JSON form (lists, not tuples, which
-    papermill would write as strings), what `save_config` writes and `load_kernel_config` reads."""
-    return json.loads(json.dumps(to_dict(cfg)))
+    papermill would write as strings), what `save_config` writes and `load_kernel_config` reads.
+    Read back through the schema first, so that a value a recipe wrote as an int in a float
+    field (`epochs=40`) reads 40.0 here as in the config.json of the run, and the run identity
+    is the same whether it is computed from a recipe or from a config loaded from its JSON."""
+    plain = json.loads(json.dumps(to_dict(cfg)))
+    return json.loads(json.dumps(to_dict(from_dict(ExperimentConfig, plain))))
 
 
 def weights_datasets(cfg) -> list[str]:
